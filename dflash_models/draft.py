@@ -1,0 +1,317 @@
+"""The DFlash draft: a few decoder layers conditioned on target features via KV injection.
+
+Data flow of one draft pass (inference or training):
+
+    target features [B, S, n*H] --fc--> [B, S, H] --hidden_norm--> context   (project_context)
+    target.embed([anchor, mask, mask, ...]) = block_embeds [B, T, H]
+    for each layer: queries from the block; keys/values = [context k/v ++ block k/v]
+    final RMSNorm -> hidden [B, T, H]; the caller applies target.lm_head
+
+The draft owns no embedding and no LM head: it borrows the target's frozen ones, which keeps it
+small and keeps its output space exactly the target's vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .layers import DraftLayer, RMSNorm, RotaryEmbedding
+from .target import Target, choose_mask_token_id, default_target_layer_ids
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def _rope_theta(cfg: Any) -> float:
+    """rope_theta from a transformers config: v4 keeps it top-level, v5 in `rope_parameters`
+    (Gemma3 nests one dict per attention type; the full-attention one is the global one)."""
+    theta = getattr(cfg, "rope_theta", None)
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if theta is None and isinstance(params, dict):
+        if "rope_theta" in params:
+            theta = params["rope_theta"]
+        else:
+            nested = params.get("full_attention") or next(iter(params.values()), {})
+            theta = nested.get("rope_theta") if isinstance(nested, dict) else None
+    return float(theta or 10000.0)
+
+
+@dataclass
+class DFlashDraftConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    vocab_size: int
+    block_size: int
+    mask_token_id: int
+    target_layer_ids: list[int] = field(default_factory=list)
+    num_target_layers: int = 0
+    qk_norm: bool = True
+
+    @classmethod
+    def from_target(
+        cls,
+        target: Target,
+        num_layers: int = 2,
+        block_size: int = 8,
+        num_feature_layers: int = 4,
+        target_layer_ids: list[int] | None = None,
+        mask_token_id: int | None = None,
+        qk_norm: bool = True,
+    ) -> DFlashDraftConfig:
+        """Layer shapes copied from the target's config, so the draft is a thin slice of it.
+
+        qk_norm defaults to True whatever the family: the published drafts are Qwen3-style
+        stacks, and that is the layout serving engines load.
+        """
+        cfg = target.model.config.get_text_config()
+        H = target.hidden_size
+        num_heads = int(getattr(cfg, "num_attention_heads", None) or max(H // 64, 1))
+        ids = target_layer_ids or default_target_layer_ids(target.num_layers, num_feature_layers)
+        if mask_token_id is None:
+            mask_token_id = choose_mask_token_id(target.tokenizer, target.vocab_size)
+        return cls(
+            hidden_size=H,
+            intermediate_size=int(getattr(cfg, "intermediate_size", None) or 4 * H),
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or num_heads),
+            head_dim=int(getattr(cfg, "head_dim", None) or H // num_heads),
+            rms_norm_eps=float(
+                getattr(cfg, "rms_norm_eps", None) or getattr(cfg, "layer_norm_eps", None) or 1e-6
+            ),
+            rope_theta=_rope_theta(cfg),
+            vocab_size=target.vocab_size,
+            block_size=block_size,
+            mask_token_id=int(mask_token_id),
+            target_layer_ids=list(ids),
+            num_target_layers=target.num_layers,
+            qk_norm=qk_norm,
+        )
+
+    def to_hf_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """The config.json serving engines read (HF naming), plus our own exact fields.
+
+        model_type is "qwen3" (or "llama" without q/k norm) because that is the layer stack the
+        weights follow, so `AutoConfig` can parse the file without remote code.
+        """
+        dtype_name = str(dtype).removeprefix("torch.")
+        return {
+            "architectures": ["DFlashDraftModel"],
+            "model_type": "qwen3" if self.qk_norm else "llama",
+            "block_size": self.block_size,
+            "num_target_layers": self.num_target_layers,
+            "dflash_config": {
+                "mask_token_id": self.mask_token_id,
+                "target_layer_ids": list(self.target_layer_ids),
+            },
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "vocab_size": self.vocab_size,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "tie_word_embeddings": False,
+            "qk_norm": self.qk_norm,
+            "dtype": dtype_name,
+            "torch_dtype": dtype_name,
+        }
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> DFlashDraftConfig:
+        dcfg = d.get("dflash_config", {})
+        return cls(
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=d["num_attention_heads"],
+            num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=d.get("rope_theta", 10000.0),
+            vocab_size=d["vocab_size"],
+            block_size=d["block_size"],
+            mask_token_id=dcfg["mask_token_id"],
+            target_layer_ids=list(dcfg["target_layer_ids"]),
+            num_target_layers=d.get("num_target_layers", 0),
+            qk_norm=d.get("qk_norm", d.get("model_type") != "llama"),
+        )
+
+
+class DraftKVCache:
+    """Per-layer context keys/values (rotary applied) for every context position seen so far.
+
+    It never holds block keys/values: those depend on the block's (mask) tokens, which change
+    every decoding step, while context keys/values depend only on verified tokens' features.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+
+    def __len__(self) -> int:
+        return int(self.keys[0].shape[2]) if self.keys else 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append new context k/v [B, g, S_new, d] for `layer`; return all of that layer's."""
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+    def crop(self, n: int) -> None:
+        """Keep only the first n context positions (drop features of rejected tokens)."""
+        self.keys = [k[:, :, :n] for k in self.keys]
+        self.values = [v[:, :, :n] for v in self.values]
+
+
+def _batched(positions: Tensor, batch: int) -> Tensor:
+    """Accept [T] or [B, T] positions; return [B, T]."""
+    return positions.unsqueeze(0).expand(batch, -1) if positions.dim() == 1 else positions
+
+
+class DFlashDraft(nn.Module):
+    def __init__(self, config: DFlashDraftConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        n_feat = len(c.target_layer_ids)
+        if n_feat == 0:
+            raise ValueError("DFlashDraftConfig.target_layer_ids is empty")
+        self.fc = nn.Linear(n_feat * c.hidden_size, c.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            DraftLayer(
+                c.hidden_size,
+                c.intermediate_size,
+                c.num_heads,
+                c.num_kv_heads,
+                c.head_dim,
+                c.rms_norm_eps,
+                c.qk_norm,
+            )
+            for _ in range(c.num_layers)
+        )
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # HF-style small normal init: keeps the fresh draft's residual stream close to the
+        # (target-scaled) block embeddings instead of swamping them.
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def project_context(self, features: Tensor) -> Tensor:
+        """Concatenated target features [B, S, n*H] -> context [B, S, H] (fc, then RMSNorm)."""
+        return self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+
+    def forward(
+        self,
+        block_embeds: Tensor,
+        context: Tensor,
+        block_positions: Tensor,
+        context_positions: Tensor,
+        attn_mask: Tensor | None = None,
+        cache: DraftKVCache | None = None,
+    ) -> Tensor:
+        """Denoise a block (or, in training, N concatenated blocks) in one pass.
+
+        block_embeds [B, T, H]; context [B, S, H] projected features (only the NEW positions when
+        a cache is given: they are appended to it, so afterwards the cache holds all context k/v);
+        positions are absolute, [T]/[B, T] and [S]/[B, S]; attn_mask bool [B, 1, T, S_total + T]
+        (True = may attend) or None for "see all context, bidirectional within the block".
+        Returns final-normed hidden [B, T, H].
+        """
+        B = block_embeds.shape[0]
+        dtype = self.fc.weight.dtype
+        x = block_embeds.to(dtype)
+        ctx = context.to(dtype)
+        block_rope = self.rotary(_batched(block_positions.to(x.device), B))
+        ctx_rope = self.rotary(_batched(context_positions.to(x.device), B))
+        for i, layer in enumerate(self.layers):
+            k, v = layer.self_attn.context_kv(ctx, ctx_rope)
+            if cache is not None:
+                k, v = cache.update(i, k, v)
+            x = layer(x, block_rope, k, v, attn_mask)
+        return self.norm(x)
+
+    def export(self, folder: str | Path) -> Path:
+        """Write the HF serving layout: config.json + model.safetensors (no embedding/LM head)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        hf = self.config.to_hf_dict(self.fc.weight.dtype)
+        (folder / CONFIG_NAME).write_text(json.dumps(hf, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> DFlashDraft:
+        """Inverse of `export`; dtype defaults to the dtype the weights were saved in."""
+        folder = Path(folder)
+        config = DFlashDraftConfig.from_hf_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        state = load_file(str(folder / WEIGHTS_NAME))
+        model = cls(config)
+        model.load_state_dict(state, strict=True)
+        dtype = dtype or next(iter(state.values())).dtype
+        return model.to(device=device or "cpu", dtype=dtype).eval()
+
+
+def check_compatible(config: DFlashDraftConfig, target: Target) -> None:
+    """Fail fast, with one line naming the mismatch, before a draft meets the wrong target."""
+    if config.hidden_size != target.hidden_size:
+        raise ValueError(
+            f"draft hidden_size {config.hidden_size} != target hidden_size {target.hidden_size}"
+        )
+    if config.vocab_size != target.vocab_size:
+        raise ValueError(
+            f"draft vocab_size {config.vocab_size} != target vocab_size {target.vocab_size}"
+        )
+    if config.num_target_layers and config.num_target_layers != target.num_layers:
+        raise ValueError(
+            f"draft was trained on a {config.num_target_layers}-layer target, "
+            f"target has {target.num_layers} layers"
+        )
+    bad = [j for j in config.target_layer_ids if not 0 <= j < target.num_layers]
+    if bad:
+        raise ValueError(
+            f"target_layer_ids {bad} out of range for a {target.num_layers}-layer target"
+        )
+    if not 0 <= config.mask_token_id < target.vocab_size:
+        raise ValueError(
+            f"mask_token_id {config.mask_token_id} outside target vocab [0, {target.vocab_size})"
+        )
+
+
+__all__ = [
+    "DFlashDraft",
+    "DFlashDraftConfig",
+    "DraftKVCache",
+    "check_compatible",
+]

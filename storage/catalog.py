@@ -1,0 +1,103 @@
+"""DuckDB over the store: each stage's tables as views, read straight from the store's files.
+
+The store's fsspec filesystem is registered with DuckDB (the httpfs extension cannot be installed
+offline), so ``read_parquet`` works on ``s3://`` and ``memory://`` URLs as on local paths. Views
+list only files named by committed manifests; the benchmark history is append-only and read by a
+glob over whole ``*.parquet`` files (each written atomically, temp files never match).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from storage.manifest import MANIFEST, Manifest
+from storage.store import Store
+
+BENCH_TABLES = {"benchmarks": "benchmarks/summary", "benchmark_samples": "benchmarks/samples"}
+
+
+def connect(store: Store, memory_limit: str | None = None, threads: int | None = None,
+            views: bool = True) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection that can read the store, with one view per table found in it."""
+    con = duckdb.connect(":memory:")
+    if memory_limit:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
+    if store.protocol != "file":
+        con.register_filesystem(store.fs)
+    if views:
+        create_views(con, store)
+    return con
+
+
+def committed_manifests(store: Store) -> list[Manifest]:
+    """All committed outputs in the store (stage folders only; the benchmark history excluded)."""
+    out = []
+    for stage in store.ls(""):
+        stage = stage.rsplit("/", 1)[-1]
+        if stage.startswith((".", "_")) or stage == "benchmarks":
+            continue
+        for key in store.ls(stage):
+            rel = f"{key}/{MANIFEST}"
+            if store.exists(rel):
+                out.append(Manifest.from_dict(store.read_json(rel)))
+    return out
+
+
+def create_views(con: duckdb.DuckDBPyConnection, store: Store) -> list[str]:
+    """Create (or replace) the views; return their names."""
+    by_table: dict[str, list[tuple[Manifest, list[str]]]] = defaultdict(list)
+    manifests = committed_manifests(store)
+    for m in manifests:
+        files = [store.uri(f"{m.prefix}/{f.path}") for f in m.files
+                 if f.table and f.path.endswith(".parquet")]
+        tables = sorted({f.table for f in m.files if f.table and f.path.endswith(".parquet")})
+        for t in tables:
+            uris = [store.uri(f"{m.prefix}/{f.path}") for f in m.files_for(t)]
+            by_table[t].append((m, uris))
+        del files
+    names = []
+    for table, parts in sorted(by_table.items()):
+        selects = [
+            f"SELECT *, {_lit(m.key)} AS output_key, {_lit(m.created_at)} AS output_created_at "
+            f"FROM read_parquet({_list(uris)}, union_by_name = true)"
+            for m, uris in sorted(parts, key=lambda p: p[0].created_at)
+        ]
+        con.execute(f"CREATE OR REPLACE VIEW {table} AS " + " UNION ALL BY NAME ".join(selects))
+        names.append(table)
+    for view, folder in BENCH_TABLES.items():
+        if store.find(folder):
+            glob = store.uri(f"{folder}/**/*.parquet")
+            con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet("
+                        f"{_lit(glob)}, hive_partitioning = true, union_by_name = true)")
+            names.append(view)
+    con.register("_outputs_arrow", _outputs_table(manifests))
+    con.execute("CREATE OR REPLACE VIEW outputs AS SELECT * FROM _outputs_arrow")
+    names.append("outputs")
+    return names
+
+
+def _outputs_table(manifests: list[Manifest]) -> pa.Table:
+    rows: list[dict[str, Any]] = [
+        {"stage": m.stage, "key": m.key, "digest": m.digest, "created_at": m.created_at,
+         "files": len(m.files), "bytes": sum(f.size for f in m.files),
+         "rows": sum(m.rows.values()), "code_fingerprint": m.code_fingerprint[:16]}
+        for m in manifests
+    ]
+    schema = pa.schema([("stage", pa.string()), ("key", pa.string()), ("digest", pa.string()),
+                        ("created_at", pa.string()), ("files", pa.int64()), ("bytes", pa.int64()),
+                        ("rows", pa.int64()), ("code_fingerprint", pa.string())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _lit(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _list(items: list[str]) -> str:
+    return "[" + ", ".join(_lit(i) for i in items) + "]"
