@@ -23,24 +23,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .layers import DraftLayer, RMSNorm, RotaryEmbedding
-from .target import Target, choose_mask_token_id, default_target_layer_ids
+from .target import Target, choose_mask_token_id, config_rope_theta, default_target_layer_ids
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-
-
-def _rope_theta(cfg: Any) -> float:
-    """rope_theta from a transformers config: v4 keeps it top-level, v5 in `rope_parameters`
-    (Gemma3 nests one dict per attention type; the full-attention one is the global one)."""
-    theta = getattr(cfg, "rope_theta", None)
-    params = getattr(cfg, "rope_parameters", None) or {}
-    if theta is None and isinstance(params, dict):
-        if "rope_theta" in params:
-            theta = params["rope_theta"]
-        else:
-            nested = params.get("full_attention") or next(iter(params.values()), {})
-            theta = nested.get("rope_theta") if isinstance(nested, dict) else None
-    return float(theta or 10000.0)
 
 
 @dataclass
@@ -92,7 +78,7 @@ class DFlashDraftConfig:
             rms_norm_eps=float(
                 getattr(cfg, "rms_norm_eps", None) or getattr(cfg, "layer_norm_eps", None) or 1e-6
             ),
-            rope_theta=_rope_theta(cfg),
+            rope_theta=config_rope_theta(cfg),
             vocab_size=target.vocab_size,
             block_size=block_size,
             mask_token_id=int(mask_token_id),
@@ -125,6 +111,7 @@ class DFlashDraftConfig:
             "head_dim": self.head_dim,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "vocab_size": self.vocab_size,
             "hidden_act": "silu",
             "attention_bias": False,

@@ -35,6 +35,20 @@ def default_target_layer_ids(num_layers: int, n: int) -> list[int]:
     return [min(max(j, 0), num_layers - 1) for j in ids]  # clamp for very shallow (test) targets
 
 
+def config_rope_theta(cfg: Any) -> float:
+    """rope_theta from a transformers config: v4 keeps it top-level, v5 in `rope_parameters`
+    (Gemma3 nests one dict per attention type; the full-attention one is the global one)."""
+    theta = getattr(cfg, "rope_theta", None)
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if theta is None and isinstance(params, dict):
+        if "rope_theta" in params:
+            theta = params["rope_theta"]
+        else:
+            nested = params.get("full_attention") or next(iter(params.values()), {})
+            theta = nested.get("rope_theta") if isinstance(nested, dict) else None
+    return float(theta or 10000.0)
+
+
 _RESERVED = re.compile(r"unused|reserved", re.IGNORECASE)
 
 
@@ -77,6 +91,7 @@ def choose_mask_token_id(tokenizer: Any, vocab_size: int) -> int:
     template = _chat_template_text(tokenizer)
     specials = set(getattr(tokenizer, "all_special_ids", None) or [])
     specials |= {i for i, t in added.items() if getattr(t, "special", False)}
+
     def usable(i: int) -> bool:
         text = tokenizer.convert_ids_to_tokens(i)
         return i < vocab_size and i not in excluded and bool(text) and text not in template
