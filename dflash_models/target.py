@@ -9,6 +9,7 @@ rest of the code never branches on the model family.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from dataclasses import dataclass, field
@@ -137,9 +138,14 @@ class Target:
     embed_scale: float = field(init=False)
     final_logit_softcapping: float | None = field(init=False)
     logit_multiplier: float = field(init=False)
+    cache_kwarg: str = field(init=False)
 
     def __post_init__(self) -> None:
         cfg = self.model.config.get_text_config()
+        # transformers 5.2x renamed the forward's `past_key_values` to `cache` (old name warns,
+        # to be removed in 5.40); use whichever this version's forward declares.
+        params = inspect.signature(self.model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.embed_scale = _embed_scale(self.model)
         self.final_logit_softcapping = getattr(cfg, "final_logit_softcapping", None)
         # Cohere multiplies logits by `logit_scale`, Granite divides by `logits_scaling`.
@@ -196,16 +202,19 @@ class Target:
         """
         out = self.model(
             input_ids=ids.to(self.device),
-            past_key_values=past_key_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=True,
             output_hidden_states=layer_ids is not None,
+            **{self.cache_kwarg: past_key_values},
         )
         features = None
         if layer_ids is not None:
             features = torch.cat([out.hidden_states[j + 1] for j in layer_ids], dim=-1)
-        return TargetOutput(out.logits.float(), features, out.past_key_values)
+        cache = out.get("cache", None)
+        if cache is None:
+            cache = out.get("past_key_values", None)
+        return TargetOutput(out.logits.float(), features, cache)
 
     __call__ = forward
 
