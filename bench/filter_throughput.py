@@ -38,15 +38,14 @@ _ALPHABET = np.frombuffer(b"etaoinshrdlucmfwypvbgkjqxz      ,.", dtype=np.uint8)
 
 
 def _text(rng: np.random.Generator, corpus: np.ndarray, lengths: np.ndarray) -> pa.StringArray:
-    """Strings of the given lengths cut from random offsets of a shared random corpus."""
+    """Consecutive pieces of the (tiled) random corpus, from a random place: distinct texts."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    starts = rng.integers(0, len(corpus) - int(lengths.max()) - 1, size=len(lengths))
-    # gather: index of every output byte = its row's start + its position within the row
-    pos = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths)
-    data = corpus[np.repeat(starts, lengths) + pos]
+    start = int(rng.integers(0, len(corpus)))
+    reps = -(-(start + int(offsets[-1])) // len(corpus))
+    data = np.tile(corpus, reps)[start:start + int(offsets[-1])]
     return pa.StringArray.from_buffers(len(lengths), pa.py_buffer(offsets.astype(np.int32)),
-                                       pa.py_buffer(data.tobytes()))
+                                       pa.py_buffer(data))
 
 
 def _token_lists(rng: np.random.Generator, lengths: np.ndarray) -> pa.ListArray:
@@ -116,7 +115,7 @@ def write_generations(store: Store, rows: int, shards: int, seed: int = 0) -> Ma
     if done is not None:
         return done
     rng = np.random.default_rng(seed)
-    corpus = _ALPHABET[rng.integers(0, len(_ALPHABET), size=8 << 20)]
+    corpus = _ALPHABET[rng.integers(0, len(_ALPHABET), size=(16 << 20) + 7)]  # odd size: no aligned repeats
     per = -(-rows // shards)
     with StageOutput(store, "generations", key, config={"synthetic": rows, "seed": seed}) as out:
         for s in range(shards):

@@ -124,12 +124,12 @@ def _embed_scale(model: PreTrainedModel) -> float:
     return float(getattr(cfg, "embedding_multiplier", None) or 1.0)
 
 
-@dataclass
+@dataclass(eq=False)
 class Target:
     """A frozen causal LM seen through the narrow interface DFlash needs."""
 
-    model: PreTrainedModel
-    tokenizer: Any
+    model: PreTrainedModel = field(repr=False)
+    tokenizer: Any = field(repr=False)
     device: torch.device
     dtype: torch.dtype
     num_layers: int

@@ -188,8 +188,8 @@ def report(store_url: str) -> dict:
     store = Store(store_url)
     out = build_report(store)
     try:
-        create_markdown_artifact(key="dflash-report", markdown=out["summary_markdown"] +
-                                 f"\n\nFull report: `{out['uri']}`", description="DFlash report")
+        create_markdown_artifact(key="dflash-report", markdown=out["summary_markdown"],
+                                 description="DFlash report")
     except Exception as e:  # an artifact is a view, never a reason to fail the run
         log.warning("cannot create the report artifact: %s", e)
     return {"uri": out["uri"]}

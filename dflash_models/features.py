@@ -1,0 +1,210 @@
+"""Training sequences and the target features the draft learns from: online or cached.
+
+A training example is one token sequence ``prompt ++ response`` and the index where the response
+starts. Two sources give responses:
+- ``regenerated``: the target's own output (``response_token_ids`` of the generate stage), the
+  reference recipe's data;
+- ``original``: the prompt source's own answer (e.g. ShareGPT's), tokenized with the target's
+  tokenizer. It costs one prefill pass instead of a generation: about 10x cheaper per token on
+  CPU, which matters because data volume, not steps, is what lifts held-out acceptance.
+
+For every example the target contributes, from ONE forward pass over the whole sequence:
+- ``features`` [S, n*H]: hidden states of the chosen layers, concatenated (the draft's context);
+- ``greedy`` [S]: the target's argmax next token after each prefix (``greedy[p]`` follows
+  ids[:p]; ``greedy[0] = -1``), which makes tau_sim exact against the target's own choices.
+
+Two ways to get them:
+- ``OnlineFeatures``: run the frozen target inside the training loop; nothing is stored.
+- cached: computed once, stored as safetensors shards (``pack_shard``) and read back with
+  ``CachedFeatures``. Size: n*H*2 bytes per token in bf16 (n*H*4 in fp32) plus 8 bytes of ids;
+  4 layers of SmolLM2 (H=576) cost 4.6 KB per token in bf16, 4 x 5 x 4096 x 2 = 40 KiB for
+  Qwen3-8B-sized targets. ``bytes_per_token`` computes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+SOURCES = ("regenerated", "original")
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Example:
+    ids: Tensor  # int64 [S] prompt ++ response (truncated to the max length)
+    response_start: int  # index of the first response token
+    source: str  # "regenerated" | "original"
+    row: int  # row of the split table it came from
+
+    @property
+    def response_tokens(self) -> int:
+        return int(self.ids.shape[0]) - self.response_start
+
+
+def make_example(prompt_ids: Sequence[int], response_ids: Sequence[int], source: str, row: int,
+                 max_len: int, min_response: int = 2) -> Example | None:
+    """prompt ++ response cut to ``max_len``; None when fewer than ``min_response`` response
+    tokens survive (no anchor would have a label)."""
+    ids = list(prompt_ids) + list(response_ids)
+    ids = ids[:max_len]
+    start = len(prompt_ids)
+    if len(ids) - start < min_response:
+        return None
+    return Example(torch.tensor(ids, dtype=torch.long), start, source, row)
+
+
+def original_response_ids(tokenizer: Any, text: str, eos_id: int | None) -> list[int]:
+    """The source's answer as the target's tokens, closed by the end-of-turn token the target
+    would emit (so the draft also learns where answers stop)."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids + ([int(eos_id)] if eos_id is not None else [])
+
+
+def end_of_turn_id(target: Any) -> int | None:
+    """The id that ends an assistant turn: the generation config's first eos, else the
+    tokenizer's."""
+    gen = getattr(target.model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is None and target.tokenizer is not None:
+        eos = target.tokenizer.eos_token_id
+    return None if eos is None else int(eos)
+
+
+def bytes_per_token(num_feature_layers: int, hidden_size: int, dtype: str) -> int:
+    """Stored bytes per token of a feature cache: n*H*itemsize features + int32 id + greedy."""
+    item = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return num_feature_layers * hidden_size * item + 8
+
+
+# ----------------------------------------------------------------------------- the target pass
+@dataclass
+class FeatureRow:
+    ids: Tensor  # int64 [S]
+    features: Tensor  # [S, n*H]
+    greedy: Tensor  # int64 [S], -1 at 0
+
+
+@torch.no_grad()
+def target_pass(target: Any, seqs: Sequence[Tensor], layer_ids: Sequence[int],
+                dtype: torch.dtype | None = None) -> list[FeatureRow]:
+    """Features and greedy next tokens of right-padded sequences in one batched forward.
+
+    Right padding keeps every real position's causal context identical to an unpadded pass
+    (pads come after it and are masked), so the result per sequence does not depend on the
+    batch it rode in, up to float rounding.
+    """
+    lengths = [int(s.shape[0]) for s in seqs]
+    L = max(lengths)
+    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    attn = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : lengths[i]] = s
+        attn[i, : lengths[i]] = 1
+    out = target.forward(ids.to(target.device), layer_ids=list(layer_ids),
+                         attention_mask=attn.to(target.device))
+    feats = out.features if dtype is None else out.features.to(dtype)
+    nxt = out.logits.argmax(-1)  # [Bt, L]: prediction for position p + 1
+    rows = []
+    for i, n in enumerate(lengths):
+        greedy = torch.cat([torch.full((1,), -1, dtype=torch.long), nxt[i, : n - 1].cpu()])
+        rows.append(FeatureRow(seqs[i].cpu(), feats[i, :n], greedy))
+    return rows
+
+
+class OnlineFeatures:
+    """Frozen target forward inside the loop: no disk, one target pass per example visit."""
+
+    mode = "online"
+
+    def __init__(self, target: Any, layer_ids: Sequence[int], examples: Sequence[Example]) -> None:
+        self.target, self.layer_ids, self.examples = target, list(layer_ids), examples
+
+    def get(self, indices: Sequence[int]) -> list[FeatureRow]:
+        return target_pass(self.target, [self.examples[i].ids for i in indices], self.layer_ids)
+
+
+class CachedFeatures:
+    """Rows read back from feature shards, by example index (held in memory as stored)."""
+
+    mode = "cached"
+
+    def __init__(self, rows: dict[int, FeatureRow], examples: Sequence[Example],
+                 device: torch.device | str = "cpu") -> None:
+        missing = [i for i in range(len(examples)) if i not in rows]
+        if missing:
+            raise ValueError(f"feature cache lacks {len(missing)} examples (first: {missing[0]})")
+        for i, ex in enumerate(examples):
+            if not torch.equal(rows[i].ids, ex.ids):
+                raise ValueError(f"feature cache example {i}: token ids differ from the data")
+        self.rows, self.device = rows, torch.device(device)
+
+    def get(self, indices: Sequence[int]) -> list[FeatureRow]:
+        out = []
+        for i in indices:
+            r = self.rows[i]
+            out.append(FeatureRow(r.ids, r.features.to(self.device, torch.float32), r.greedy))
+        return out
+
+
+# ----------------------------------------------------------------------------- shards
+def pack_shard(indices: Sequence[int], rows: Sequence[FeatureRow], dtype: str) -> bytes:
+    """One safetensors file: concatenated features/ids/greedy plus offsets and example indices."""
+    lengths = torch.tensor([int(r.ids.shape[0]) for r in rows], dtype=torch.long)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    tensors = {
+        "features": torch.cat([r.features.cpu() for r in rows]).to(DTYPES[dtype]).contiguous(),
+        "ids": torch.cat([r.ids.cpu() for r in rows]).to(torch.int32),
+        "greedy": torch.cat([r.greedy.cpu() for r in rows]).to(torch.int32),
+        "offsets": offsets,
+        "index": torch.tensor(list(indices), dtype=torch.long),
+    }
+    return st_save(tensors, metadata={"format": "dflash-features", "dtype": dtype})
+
+
+def unpack_shard(data: bytes) -> dict[int, FeatureRow]:
+    t = st_load(data)
+    off = t["offsets"].tolist()
+    out = {}
+    for j, idx in enumerate(t["index"].tolist()):
+        a, b = off[j], off[j + 1]
+        out[int(idx)] = FeatureRow(t["ids"][a:b].long(), t["features"][a:b],
+                                   t["greedy"][a:b].long())
+    return out
+
+
+def plan_shards(examples: Sequence[Example], shard_tokens: int) -> list[list[int]]:
+    """Consecutive example indices grouped into shards of about ``shard_tokens`` tokens."""
+    shards: list[list[int]] = [[]]
+    tokens = 0
+    for i, ex in enumerate(examples):
+        n = int(ex.ids.shape[0])
+        if shards[-1] and tokens + n > shard_tokens:
+            shards.append([])
+            tokens = 0
+        shards[-1].append(i)
+        tokens += n
+    return [s for s in shards if s]
+
+
+def length_batches(indices: Sequence[int], examples: Sequence[Example],
+                   batch_tokens: int) -> list[list[int]]:
+    """Group indices by length (less padding) into batches of at most ``batch_tokens`` padded
+    tokens: how a cache build feeds the target."""
+    order = sorted(indices, key=lambda i: int(examples[i].ids.shape[0]))
+    batches: list[list[int]] = []
+    for i in order:
+        n = int(examples[i].ids.shape[0])
+        if batches and (len(batches[-1]) + 1) * n <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches

@@ -1,0 +1,219 @@
+"""Stage 3, ``train``: a DFlash draft (and a classic draft baseline) trained on the filter output.
+
+``run_train(store, cfg, target, filter_manifest)`` returns the committed ``train/<key>``
+manifest, key = hash(config, target, filter, code). It lists:
+
+    dflash-draft/{config.json,model.safetensors}   serving layout (best held-out tau_sim)
+    dflash-draft-last/...                          only with ``export_last``
+    classic-draft/...                              AutoModelForCausalLM folder + tokenizer
+    train_metrics.parquet                          table "train_metrics", both phases
+    train_summary.json                             data mix, best checkpoints, throughput, ...
+
+While it runs, ``checkpoints/<phase>/step-NNNNNNN/{weights,optim}.safetensors + state.json`` are
+written into the same output folder every ``checkpoint_every`` steps (recorded parts: a run
+killed with SIGKILL resumes from the newest complete one) and removed after the commit.
+The loop itself lives in ``tasks/train_dist.py``; with ``nproc > 1`` it runs under torchrun
+(DDP) and this process only commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage import Manifest, StageOutput, Store
+from storage.keys import normalise
+from tasks.base import run_stage, stage_code
+from tasks.train_features import DataSelection, FeaturesConfig
+
+log = logging.getLogger("dflash")
+STAGE = "train"
+FINAL_FILES_KEY = "outputs"
+
+
+class TrainConfig(BaseModel):
+    """Defaults: the embedded default run on a 2-core CPU (SmolLM2 target, ~12 min of training).
+
+    ``TrainConfig.tiny()`` is the seconds-long CI variant.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    seed: int = 0
+    # --- the DFlash draft
+    draft_layers: int = Field(2, ge=1)
+    block_size: int = Field(8, ge=2)
+    gamma: float = Field(4.0, gt=0, description="loss weight w_k = exp(-(k-1)/gamma)")
+    num_feature_layers: int = Field(4, ge=1)
+    target_layer_ids: list[int] | None = Field(None, description="default: spread 1..L-3")
+    mask_token_id: int | None = Field(None, description="default: chosen from the tokenizer")
+    draft_vocab_size: int | None = Field(None, ge=16, description="reduced draft LM head "
+                                         "(EAGLE-3 style id map); None = full vocabulary")
+    # --- data (see tasks/train_features.DataSelection)
+    data: DataSelection = Field(default_factory=DataSelection)
+    anchors_per_seq: int = Field(48, ge=1, description="blocks per training sequence")
+    eval_anchors_per_seq: int = Field(32, ge=1)
+    # --- target features
+    features: Literal["online", "cached"] = "cached"
+    feature_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # --- optimiser
+    lr: float = Field(6e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_frac: float = Field(0.04, ge=0, le=1)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)
+    batch_size: int = Field(4, ge=1, description="sequences per micro-batch per process")
+    grad_accum: int = Field(1, ge=1)
+    epochs: float = Field(2.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs")
+    time_limit_min: float | None = Field(None, gt=0, description="stop a phase early (not "
+                                         "reproducible; the schedule is not shortened)")
+    bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    # --- bookkeeping
+    eval_every: int = Field(100, ge=0, description="steps; 0 = only at the end")
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    export_last: bool = Field(False, description="also export the last-step draft")
+    # --- the classic baseline
+    classic_layers: int = Field(2, ge=0, le=8, description="0 = no classic draft")
+    classic_max_steps: int | None = Field(None, ge=1, description="default: as the DFlash draft")
+    classic_lr: float = Field(6e-4, gt=0)
+    distill_temperature: float = Field(1.0, gt=0)
+    # --- execution
+    nproc: int = Field(1, ge=1, description="data-parallel processes (torchrun DDP)")
+    device: str | None = Field(None, description="default: cuda if available, else cpu")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads per process "
+                                "(not part of the cache key)")
+
+    @classmethod
+    def tiny(cls, **kw: Any) -> TrainConfig:
+        """Seconds-long settings for tests and CI."""
+        base: dict[str, Any] = dict(
+            data=DataSelection(max_seq_len=96, eval_max_seqs=4), anchors_per_seq=8,
+            eval_anchors_per_seq=8, batch_size=2, max_steps=8, eval_every=4,
+            checkpoint_every=4, log_every=1, classic_max_steps=4, features="online",
+            feature_dtype="float32", lr=2e-3, classic_lr=2e-3, warmup_frac=0.1)
+        base.update(kw)
+        return cls(**base)
+
+    def selection(self) -> DataSelection:
+        return self.data.model_copy(update={"seed": self.seed})
+
+    def key_config(self) -> dict[str, Any]:
+        """What enters the cache key: everything but pure-performance knobs."""
+        return normalise(self.model_dump(mode="json", exclude={"threads"}))
+
+
+# ----------------------------------------------------------------------------- target inputs
+@dataclass(frozen=True)
+class FolderInput:
+    """A target given as a plain folder: its digest is the content hash of its files."""
+
+    folder: Path
+    digest: str
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def folder_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        st = p.stat()
+        key = (str(p), st.st_size, st.st_mtime_ns)
+        if key not in _DIGESTS:
+            fh = hashlib.sha256()
+            with open(p, "rb") as f:
+                while block := f.read(1 << 22):
+                    fh.update(block)
+            _DIGESTS[key] = fh.hexdigest()
+        h.update(p.relative_to(folder).as_posix().encode() + b"\0" + _DIGESTS[key].encode())
+    return h.hexdigest()
+
+
+def resolve_target(target: Manifest | str | Path) -> tuple[Path, Any]:
+    """(local folder, input ref with a ``digest``) for a target manifest or a folder."""
+    if isinstance(target, Manifest):
+        from tasks.models import target_folder
+
+        return Path(target_folder(target)), target
+    folder = Path(target).expanduser().resolve()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"target folder {folder} has no config.json")
+    return folder, FolderInput(folder, folder_digest(folder))
+
+
+def features_config(cfg: TrainConfig, layer_ids: list[int]) -> FeaturesConfig:
+    return FeaturesConfig(layer_ids=layer_ids, dtype=cfg.feature_dtype, selection=cfg.selection())
+
+
+# ----------------------------------------------------------------------------- the stage
+def run_train(store: Store, cfg: TrainConfig, target_manifest_or_folder: Manifest | str | Path,
+              filter_manifest: Manifest, force: bool = False) -> Manifest:
+    """Train (or resume, or find cached) the drafts for this target and filter output."""
+    folder, target_ref = resolve_target(target_manifest_or_folder)
+    inputs = {"target": target_ref, "filter": filter_manifest}
+    code = stage_code("train", ("tasks/train_dist.py", "tasks/train_features.py"))
+
+    def build(out: StageOutput) -> Manifest:
+        from tasks import train_dist
+
+        job = train_dist.Job(store_url=store.url, prefix=out.prefix, config=cfg.model_dump(),
+                             target_folder=str(folder), filter_manifest=filter_manifest.to_dict(),
+                             target_digest=target_ref.digest)
+        if cfg.nproc > 1:
+            _launch_torchrun(job, cfg.nproc, out)
+            summary = json.loads(store.read_bytes(f"{out.prefix}/train_summary.json"))
+        else:
+            summary = train_dist.run_worker(job, store=store, writer=out.write_bytes)
+            assert summary is not None
+        manifest = out.commit(files=summary[FINAL_FILES_KEY], extra=_extra(summary))
+        store.rm(f"{out.prefix}/checkpoints", recursive=True)  # resume state, now useless
+        return manifest
+
+    return run_stage(store, STAGE, cfg.key_config(), inputs, code, build, force=force)
+
+
+def _extra(summary: dict[str, Any]) -> dict[str, Any]:
+    keep = ("data_mix", "dflash", "classic", "feature_bytes_per_token", "features_mode",
+            "features_key", "draft_vocab", "draft_config", "resumed_from", "wall_s")
+    return {k: summary[k] for k in keep if k in summary}
+
+
+def _launch_torchrun(job: Any, nproc: int, out: StageOutput) -> None:
+    """Run the loop under torchrun and wait, keeping the writer lease alive meanwhile.
+
+    Rank 0 writes its files with ``storage.manifest.write_part`` into our output folder; this
+    process commits them afterwards.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path = Path(tmp) / "job.json"
+        job_path.write_text(json.dumps(job.to_dict()))
+        torchrun = Path(sys.executable).with_name("torchrun")
+        cmd = [str(torchrun) if torchrun.exists() else sys.executable, *(
+            [] if torchrun.exists() else ["-m", "torch.distributed.run"]),
+            "--standalone", f"--nproc_per_node={nproc}", "-m", "tasks.train_dist", str(job_path)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+        log.info("train: %s", " ".join(cmd))
+        proc = subprocess.Popen(cmd, env=env)
+        last = time.monotonic()
+        while proc.poll() is None:
+            time.sleep(1.0)
+            if time.monotonic() - last > 60:
+                out._heartbeat()  # the lease's heartbeat: we are alive while the ranks work
+                last = time.monotonic()
+        if proc.returncode != 0:
+            raise RuntimeError(f"train: torchrun exited with {proc.returncode}")

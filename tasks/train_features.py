@@ -1,0 +1,222 @@
+"""Training data selection and the cached target-features stage ``features/<key>``.
+
+The train stage's data is a deterministic function of the filter output, the target's tokenizer
+and a few knobs (``DataSelection``): which sources (regenerated responses and/or the prompt
+sources' original answers, each a fraction of the rows), a response-token budget, a max length.
+The same function runs in the features stage and in every training process, so a cached feature
+shard and an online batch always describe the same examples.
+
+``features/<key>`` (key = target + filter manifests + layer ids + dtype + selection) holds
+safetensors shards ``train-NNNNN.safetensors`` / ``eval-NNNNN.safetensors`` (see
+``dflash_models.features.pack_shard``) and ``features.json``. Each shard is recorded as it is
+written, so a killed build resumes at the first missing shard.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from dflash_models.features import (
+    Example,
+    FeatureRow,
+    bytes_per_token,
+    end_of_turn_id,
+    length_batches,
+    make_example,
+    original_response_ids,
+    pack_shard,
+    plan_shards,
+    target_pass,
+    unpack_shard,
+)
+from storage import Manifest, Store
+from storage.keys import code_fingerprint
+from storage.parquet import read_parquet
+from tasks.base import run_stage
+from tasks.progress import Progress
+
+log = logging.getLogger("dflash")
+STAGE = "features"
+COLUMNS = ("prompt_token_ids", "response_token_ids", "reference_response")
+
+
+class DataSelection(BaseModel):
+    """Which examples a training run uses (all fields enter the cache keys)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mix_regenerated: float = Field(1.0, ge=0, le=1, description="share of train rows used with "
+                                   "their regenerated response")
+    mix_original: float = Field(1.0, ge=0, le=1, description="share of train rows (that have one) "
+                                "used with the source's original answer")
+    max_train_tokens: int | None = Field(None, ge=1, description="cap on training response tokens")
+    max_seq_len: int = Field(512, ge=8, description="prompt + response truncated to this")
+    eval_max_seqs: int = Field(32, ge=0, description="held-out sequences for tau_sim")
+    seed: int = 0
+
+
+@dataclass
+class TrainData:
+    train: list[Example]
+    eval: list[Example]
+    mix: dict[str, Any]  # what was used, recorded in the manifest
+
+
+def _seeded_order(n: int, seed: int, salt: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + salt)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def load_split(store: Store, manifest: Manifest, table: str) -> pa.Table:
+    """The split's rows (only the columns training needs; reference_response may be absent)."""
+    parts = []
+    for f in manifest.files_for(table):
+        rel = f"{manifest.prefix}/{f.path}"
+        t = read_parquet(store, rel)
+        cols = {c: t.column(c) for c in COLUMNS if c in t.column_names}
+        if "reference_response" not in cols:
+            cols["reference_response"] = pa.nulls(t.num_rows, pa.string())
+        parts.append(pa.table(cols).cast(pa.schema([
+            ("prompt_token_ids", pa.list_(pa.int64())),
+            ("response_token_ids", pa.list_(pa.int64())),
+            ("reference_response", pa.string())])))
+    if not parts:
+        return pa.table({"prompt_token_ids": pa.array([], pa.list_(pa.int64())),
+                         "response_token_ids": pa.array([], pa.list_(pa.int64())),
+                         "reference_response": pa.array([], pa.string())})
+    return pa.concat_tables(parts)
+
+
+def select_data(train: pa.Table, eval_: pa.Table, tokenizer: Any, eos_id: int | None,
+                sel: DataSelection) -> TrainData:
+    """Deterministic example selection: seeded row orders per source, then a seeded interleave
+    cut at the token budget (so a smaller budget is a prefix of a larger one)."""
+    prompts = train.column("prompt_token_ids").to_pylist()
+    responses = train.column("response_token_ids").to_pylist()
+    refs = train.column("reference_response").to_pylist()
+    n = len(prompts)
+    cands: list[Example] = []
+    if sel.mix_regenerated > 0:
+        take = _seeded_order(n, sel.seed, 1)[: math.ceil(sel.mix_regenerated * n)]
+        for r in sorted(take):
+            ex = make_example(prompts[r], responses[r], "regenerated", r, sel.max_seq_len)
+            if ex is not None:
+                cands.append(ex)
+    has_ref = [r for r in range(n) if refs[r] and refs[r].strip()]
+    if sel.mix_original > 0 and has_ref:
+        order = [has_ref[i] for i in _seeded_order(len(has_ref), sel.seed, 2)]
+        for r in sorted(order[: math.ceil(sel.mix_original * len(has_ref))]):
+            resp = original_response_ids(tokenizer, refs[r], eos_id)
+            ex = make_example(prompts[r], resp, "original", r, sel.max_seq_len)
+            if ex is not None:
+                cands.append(ex)
+    chosen, tokens = [], 0
+    for i in _seeded_order(len(cands), sel.seed, 3):
+        if sel.max_train_tokens is not None and tokens >= sel.max_train_tokens:
+            break
+        chosen.append(cands[i])
+        tokens += cands[i].response_tokens
+    ev_p = eval_.column("prompt_token_ids").to_pylist()
+    ev_r = eval_.column("response_token_ids").to_pylist()
+    evals = []
+    for r in _seeded_order(len(ev_p), sel.seed, 4):
+        if len(evals) >= sel.eval_max_seqs:
+            break
+        ex = make_example(ev_p[r], ev_r[r], "regenerated", r, sel.max_seq_len)
+        if ex is not None:
+            evals.append(ex)
+    mix: dict[str, Any] = {"selection": sel.model_dump(), "train_rows": n,
+                           "rows_with_original": len(has_ref), "sources": {}}
+    for src in ("regenerated", "original"):
+        exs = [e for e in chosen if e.source == src]
+        mix["sources"][src] = {"sequences": len(exs),
+                               "response_tokens": sum(e.response_tokens for e in exs),
+                               "tokens": sum(int(e.ids.shape[0]) for e in exs)}
+    mix["response_tokens"] = sum(e.response_tokens for e in chosen)
+    mix["tokens"] = sum(int(e.ids.shape[0]) for e in chosen)
+    mix["eval_sequences"] = len(evals)
+    mix["eval_response_tokens"] = sum(e.response_tokens for e in evals)
+    return TrainData(chosen, evals, mix)
+
+
+def load_data(store: Store, filter_manifest: Manifest, target: Any,
+              sel: DataSelection) -> TrainData:
+    return select_data(load_split(store, filter_manifest, "train"),
+                       load_split(store, filter_manifest, "eval"),
+                       target.tokenizer, end_of_turn_id(target), sel)
+
+
+# ----------------------------------------------------------------------------- the stage
+class FeaturesConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layer_ids: list[int]
+    dtype: str = "bfloat16"
+    selection: DataSelection
+    shard_tokens: int = 16384  # ~75 MB of bf16 features for a 4-layer H=576 target
+    batch_tokens: int = 2048  # padded tokens per target forward while building
+
+
+def features_code() -> str:
+    """Only what can change the shards: this module, the feature and target code."""
+    return code_fingerprint(["tasks/train_features.py", "tasks/base.py",
+                             "dflash_models/features.py", "dflash_models/target.py"], packages=())
+
+
+def run_features(store: Store, cfg: FeaturesConfig, inputs: dict[str, Any], target: Any,
+                 data: TrainData, force: bool = False) -> Manifest:
+    """Compute (or find) the cached features of ``data`` (``inputs``: target and filter refs).
+
+    ``target`` is a loaded Target or a zero-argument callable that loads one (only called when
+    the cache is missing).
+    """
+
+    def build(out: Any) -> Manifest:
+        tgt = target() if callable(target) else target
+        done = out.recorded()
+        summary: dict[str, Any] = {"layer_ids": cfg.layer_ids, "dtype": cfg.dtype,
+                                   "bytes_per_token": bytes_per_token(
+                                       len(cfg.layer_ids), tgt.hidden_size, cfg.dtype),
+                                   "splits": {}}
+        for split, exs in (("train", data.train), ("eval", data.eval)):
+            shards = plan_shards(exs, cfg.shard_tokens)
+            todo = [j for j in range(len(shards)) if f"{split}-{j:05d}.safetensors" not in done]
+            tokens = sum(int(e.ids.shape[0]) for e in exs)
+            summary["splits"][split] = {"sequences": len(exs), "tokens": tokens,
+                                        "shards": len(shards)}
+            with Progress(f"features {split}", total=len(shards), unit="shards",
+                          artifact_key=f"features-{split}") as prog:
+                prog.advance(len(shards) - len(todo))
+                for j in todo:
+                    rows: dict[int, FeatureRow] = {}
+                    for batch in length_batches(shards[j], exs, cfg.batch_tokens):
+                        got = target_pass(tgt, [exs[i].ids for i in batch], cfg.layer_ids)
+                        rows.update(zip(batch, got, strict=True))
+                    idx = shards[j]
+                    data_bytes = pack_shard(idx, [rows[i] for i in idx], cfg.dtype)
+                    out.write_bytes(f"{split}-{j:05d}.safetensors", data_bytes, rows=len(idx))
+                    prog.advance(1, tokens=sum(int(exs[i].ids.shape[0]) for i in idx))
+        total = sum(s["tokens"] for s in summary["splits"].values())
+        summary["bytes"] = total * summary["bytes_per_token"]
+        out.write_bytes("features.json", json.dumps(summary, indent=2).encode())
+        return out.commit(extra=summary)
+
+    m = run_stage(store, STAGE, cfg, inputs, features_code(), build, force=force)
+    gc.collect()
+    return m
+
+
+def read_features(store: Store, manifest: Manifest, split: str) -> dict[int, FeatureRow]:
+    """All rows of one split of a committed features output, by example index."""
+    rows: dict[int, FeatureRow] = {}
+    for f in manifest.files:
+        if f.path.startswith(f"{split}-") and f.path.endswith(".safetensors"):
+            rows.update(unpack_shard(store.read_bytes(f"{manifest.prefix}/{f.path}")))
+    return rows
