@@ -17,6 +17,7 @@ import argparse
 import resource
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ import pyarrow.compute as pc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from storage import Manifest, StageOutput, Store, read_manifest  # noqa: E402
-from tasks.filter import GENERATIONS_SCHEMA, FilterConfig, run_filter  # noqa: E402
+from storage.hardware import hardware_info  # noqa: E402
+from tasks.filter import FilterConfig, check_generations_schema, run_filter  # noqa: E402
 
 ROWS = 1_000_000
 SHARDS = 8
@@ -34,7 +36,18 @@ VOCAB = 32_000
 CHARS_PER_TOKEN = 4
 # Shares of rows that the rules should catch (roughly; draws are random).
 DUP_SHARE, ERROR_SHARE, LENGTH_SHARE, EMPTY_SHARE, LOOP_SHARE = 0.05, 0.01, 0.03, 0.005, 0.01
-_ALPHABET = np.frombuffer(b"etaoinshrdlucmfwypvbgkjqxz      ,.", dtype=np.uint8)
+_LETTERS = np.frombuffer(b"etaoinshrdlucmfwypvbgkjqxz", dtype=np.uint8)
+
+
+def _corpus(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Random words of 1-9 letters between single spaces; 1 separator in 40 is a newline."""
+    text = _LETTERS[rng.integers(0, len(_LETTERS), size=size)]
+    gaps = rng.integers(2, 11, size=size // 2)
+    seps = np.cumsum(gaps)
+    seps = seps[seps < size]
+    text[seps] = ord(" ")
+    text[seps[rng.random(len(seps)) < 0.025]] = ord("\n")
+    return text
 
 
 def _text(rng: np.random.Generator, corpus: np.ndarray, lengths: np.ndarray) -> pa.StringArray:
@@ -109,19 +122,90 @@ def synthetic_shard(rng: np.random.Generator, corpus: np.ndarray, start: int, n:
 
 
 def write_generations(store: Store, rows: int, shards: int, seed: int = 0) -> Manifest:
-    """Commit the synthetic set under ``generations/bench-<rows>-<seed>`` (once; then cached)."""
+    """Commit the synthetic set under ``generations/bench-<rows>-<shards>-<seed>`` (once).
+
+    Shards are built one after another (numpy) and compressed two at a time (pyarrow releases
+    the GIL), so memory stays at about two shards."""
     key = f"bench-{rows}-{shards}-{seed}"
     done = read_manifest(store, "generations", key)
     if done is not None:
         return done
     rng = np.random.default_rng(seed)
-    corpus = _ALPHABET[rng.integers(0, len(_ALPHABET), size=(16 << 20) + 7)]  # odd size: no aligned repeats
+    corpus = _corpus(rng, (16 << 20) + 7)  # odd size: no aligned repeats between shards
     per = -(-rows // shards)
     with StageOutput(store, "generations", key, config={"synthetic": rows, "seed": seed}) as out:
-        for s in range(shards):
-            n = min(per, rows - s * per)
-            table = synthetic_shard(rng, corpus, s * per, n)
-            out.write_parquet(f"shard-{s:05d}.parquet", table, table_name="generations",
-                              schema=GENERATIONS_SCHEMA)
-            del table
+        def write(s: int, table: pa.Table) -> None:
+            check_generations_schema(table.schema, f"synthetic shard {s}")
+            out.write_parquet(f"shard-{s:05d}.parquet", table, table_name="generations")
+
+        with ThreadPoolExecutor(2) as pool:
+            pending = []
+            for s in range(shards):
+                n = min(per, rows - s * per)
+                pending.append(pool.submit(write, s, synthetic_shard(rng, corpus, s * per, n)))
+                if len(pending) >= 2:
+                    pending.pop(0).result()
+            for f in pending:
+                f.result()
         return out.commit()
+
+
+def bench_configs(memory_limit: str, threads: int | None) -> dict[str, FilterConfig]:
+    """The two measured rule sets: dedupe + finish + length rules, then the same + n-grams."""
+    base = FilterConfig(
+        dedupe=True, drop_errors=True, drop_truncated=True, drop_empty=False,
+        min_prompt_tokens=1, max_prompt_tokens=44, min_response_tokens=16,
+        max_response_tokens=180, max_repeated_ngram_share=None, contamination=False,
+        eval_fraction=0.02, memory_limit=memory_limit, threads=threads)
+    return {"dedupe+finish+length": base,
+            "dedupe+finish+length+ngram": base.model_copy(
+                update={"max_repeated_ngram_share": 0.5, "ngram_size": 4})}
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", default="/tmp/dflash-filter-bench", help="local store folder")
+    ap.add_argument("--rows", type=int, default=ROWS)
+    ap.add_argument("--shards", type=int, default=SHARDS)
+    ap.add_argument("--memory-limit", default="1GB", help="DuckDB memory_limit")
+    ap.add_argument("--threads", type=int, default=None, help="default: all CPUs")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each rule set (best is shown)")
+    ap.add_argument("--only", choices=["base", "ngram"], default=None)
+    args = ap.parse_args(argv)
+
+    store = Store(args.store)
+    t0 = time.perf_counter()
+    gens = write_generations(store, args.rows, args.shards)
+    size = sum(f.size for f in gens.files)
+    print(f"generations: {gens.rows['generations']:,} rows, {len(gens.files)} shards, "
+          f"{size / 1e6:.0f} MB at {store.uri(gens.prefix)} ({time.perf_counter() - t0:.1f}s)")
+    # The manifest's hardware probe imports torch once per process (seconds); a pipeline process
+    # has paid that before the filter stage runs, so the bench pays it before timing, too.
+    hardware_info()
+    for name, cfg in bench_configs(args.memory_limit, args.threads).items():
+        if args.only and (args.only == "ngram") != name.endswith("ngram"):
+            continue
+        for _ in range(args.repeat):
+            c0, t0 = _cpu_s(), time.perf_counter()
+            m = run_filter(store, cfg, gens, force=True)  # force: rebuild, never the cache
+            wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+            rows_in = m.extra["stats"][0]["rows_in"]
+            print(f"{name:28s} {rows_in / wall:>10,.0f} rows/s  wall {wall:6.2f}s  "
+                  f"cpu {cpu:6.2f}s  train {m.rows['train']:,} eval {m.rows['eval']:,}  "
+                  f"phases {m.extra['timings_s']}")
+        for s in m.extra["stats"]:
+            print(f"    {s['step']:>2} {s['rule']:<18} in {s['rows_in']:>9,} "
+                  f"removed {s['rows_removed']:>8,} out {s['rows_out']:>9,} "
+                  f"tokens {s['tokens_out']:>12,}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {peak:,.0f} MiB (this process; /usr/bin/time -v reports the same maximum)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -66,7 +66,7 @@ class GenerationConfig:
 
 @dataclass
 class GenerationResult:
-    """What one generation did. Timings are wall-clock seconds from the call's start.
+    """What one generation did. ttft_s and total_s are wall-clock seconds from the call's start.
 
     `accepted_lengths` has one entry per verification pass (the prefill is not one): tokens
     emitted by that pass, bonus included, after the stop/budget cut; so
@@ -81,7 +81,6 @@ class GenerationResult:
     drafted: list[int] = field(default_factory=list)
     n_target_passes: int = 0
     n_draft_passes: int = 0
-    prefill_s: float = 0.0
     ttft_s: float = 0.0
     total_s: float = 0.0
     step_s: list[float] = field(default_factory=list)  # per verification pass, draft included
@@ -158,8 +157,8 @@ def _lm_logits(
 
     logits_to_keep skips the LM head for the positions nobody reads (all but one in a prefill).
     """
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=n_logits, **{_cache_kwarg(model): cache})
-    return out.logits[0]
+    kwargs = {_cache_kwarg(model): cache}
+    return model(input_ids=ids, use_cache=True, logits_to_keep=n_logits, **kwargs).logits[0]
 
 
 def default_stop_token_ids(target: Target) -> set[int]:
@@ -183,7 +182,9 @@ def _prompt_tensor(prompt_ids: Sequence[int] | Tensor, device: torch.device) -> 
 
 
 def _stop_ids(cfg: GenerationConfig, target: Target) -> set[int]:
-    return set(cfg.stop_token_ids) if cfg.stop_token_ids is not None else default_stop_token_ids(target)
+    if cfg.stop_token_ids is None:
+        return default_stop_token_ids(target)
+    return set(cfg.stop_token_ids)
 
 
 class _Emitter:
@@ -232,7 +233,7 @@ def generate_ar(
     tok = select_tokens(logits, cfg.temperature, gen)  # [1]
     res.n_target_passes = 1
     out.emit([int(tok)])
-    res.prefill_s = res.ttft_s = time.perf_counter() - t0
+    res.ttft_s = time.perf_counter() - t0
     while not out.done:
         ts = time.perf_counter()
         logits = _lm_logits(model, tok.view(1, 1), cache, 1)
@@ -310,7 +311,7 @@ def generate_dflash(
     anchor = int(select_tokens(pre.logits[0, -1:], temperature, gen))
     res.n_target_passes = 1
     out.emit([anchor])
-    res.prefill_s = res.ttft_s = time.perf_counter() - t0
+    res.ttft_s = time.perf_counter() - t0
 
     t_len = ids.shape[1]  # tokens in the target cache; the anchor sits at position t_len
     pending, ctx_start = pre.features, 0  # features the draft has not cached yet, and where
@@ -323,7 +324,9 @@ def generate_dflash(
         drafts: list[int] = []
         if b > 1:
             block_ids[0, 0] = anchor
-            drafts = _dflash_draft_block(target, draft, dcache, pending, ctx_start, block_ids[:, :b])
+            drafts = _dflash_draft_block(
+                target, draft, dcache, pending, ctx_start, block_ids[:, :b]
+            )
             res.n_draft_passes += 1
             ctx_start += pending.shape[1]
             pending = pending[:, :0]
@@ -391,7 +394,7 @@ def generate_classic(
     tokens.append(int(select_tokens(logits, temperature, gen)))
     res.n_target_passes = 1
     out.emit(tokens[-1:])
-    res.prefill_s = res.ttft_s = time.perf_counter() - t0
+    res.ttft_s = time.perf_counter() - t0
 
     t_len = len(tokens) - 1  # target cache length (everything before the anchor)
     d_len = 0  # draft cache length; the draft prefills lazily in its first pass

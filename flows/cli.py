@@ -100,6 +100,9 @@ def _setup_logging(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Prefect's ephemeral server gets 20 s to start by default: too little on a loaded 2-core box.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines
 
 
 # ---------------------------------------------------------------------------- commands

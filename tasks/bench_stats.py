@@ -163,7 +163,8 @@ def _acceptance(samples: list[Sample]) -> tuple[float | None, list[float], list[
     per_pos = []
     for j in range(1, max(drafted, default=0) + 1):
         den = sum(1 for d in drafted if d >= j)
-        per_pos.append(sum(1 for a, d in zip(acc, drafted, strict=False) if d >= j and a >= j) / den)
+        hits = sum(1 for a, d in zip(acc, drafted, strict=False) if d >= j and a >= j)
+        per_pos.append(hits / den)
     lengths = [n for s in samples for n in s.accepted_lengths]
     hist = [sum(1 for n in lengths if n == k) for k in range(1, max(lengths, default=0) + 1)]
     tau = sum(lengths) / len(lengths) if lengths else None

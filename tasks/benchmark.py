@@ -4,8 +4,8 @@ Every method x dataset x temperature (x block size for `dflash`) runs on the sam
 process, interleaved prompt by prompt so that machine noise hits all methods alike; warm-up calls
 are not timed. Results go to an append-only history, one file per run, never rewritten:
 
-    benchmarks/summary/hw=<hardware_tag>/date=<YYYY-MM-DD>/run-<run_id>.parquet   (view benchmarks)
-    benchmarks/samples/hw=<hardware_tag>/date=<YYYY-MM-DD>/run-<run_id>.parquet   (benchmark_samples)
+    benchmarks/summary/hw=<hardware_tag>/date=<YYYY-MM-DD>/run-<run_id>.parquet   (benchmarks)
+    benchmarks/samples/hw=<hardware_tag>/date=<YYYY-MM-DD>/run-<run_id>.parquet   (samples view)
 
 The samples file is written first and the summary last, so a summary row always has its samples.
 Beside the history, a committed stage output ``bench_runs/<key>/`` marks that a result exists for
@@ -117,12 +117,13 @@ class TargetSource:
     manifest: Manifest | None = None
     folder: Path | None = None
     loaded: Any = None  # a dflash_models.target.Target handed in by a caller
+    store: Store | None = None  # where a manifest's uploaded weights can be fetched from
 
     def local(self) -> Path:
         if self.folder is None and self.manifest is not None:
             from tasks.models import target_folder
 
-            self.folder = Path(target_folder(self.manifest))
+            self.folder = Path(target_folder(self.manifest, self.store))
         assert self.folder is not None
         return self.folder
 
@@ -142,35 +143,20 @@ class DraftSource:
 
 
 def resolve_ref(ref: str | Path, what: str) -> Path:
-    """A model reference -> local folder: a path, `packaged:NAME`, or a hub id (if reachable)."""
-    text = str(ref)
-    if text.startswith("packaged:"):
-        from dflash_models.packaged import packaged_model_dir
+    """A model reference -> local folder: a path, `packaged:NAME` or a hub id (if reachable)."""
+    from tasks.models import resolve_model
 
-        try:
-            return packaged_model_dir(text.split(":", 1)[1])
-        except ValueError as e:
-            raise DflashError(f"{what} {text}: {e}") from None
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise DflashError(f"{what} {text}: no such folder (pass an HF folder, packaged:NAME or a "
-                          "hub id)")
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(text))
-    except Exception as e:  # offline, unknown repo, gated: one line either way
-        raise DflashError(f"{what} {text}: not a local folder and the hub cannot serve it "
-                          f"({type(e).__name__}); download it and pass the folder") from None
+        return resolve_model(str(ref))
+    except DflashError as e:
+        raise DflashError(f"{what}: {e}") from None
 
 
-def _target_source(target: Any, ref: str | None) -> TargetSource:
-    if isinstance(target, Manifest):
-        conf = target.config if isinstance(target.config, dict) else {}
-        label = ref or conf.get("ref") or conf.get("model") or target.prefix
-        return TargetSource(str(label), target.digest, manifest=target)
+def _target_source(target: Any, ref: str | None, store: Store) -> TargetSource:
+    if isinstance(target, Manifest):  # the targets stage's manifest: source + model digest
+        extra = target.extra or {}
+        return TargetSource(str(ref or extra.get("source") or target.prefix),
+                            str(extra.get("digest") or target.digest), manifest=target, store=store)
     if hasattr(target, "model") and hasattr(target, "tokenizer"):
         folder = Path(str(getattr(target.model, "name_or_path", "") or "."))
         dig = bm.folder_digest(folder) if folder.is_dir() and folder != Path(".") else \
@@ -205,7 +191,8 @@ def _train_drafts(store: Store, m: Manifest) -> dict[str, DraftSource]:
         if kind in out or not arch:
             continue
         entries = [e for e in m.files if not rel or e.path.startswith(rel + "/")]
-        dig = digest(sorted((e.path[len(rel):], e.sha256) for e in entries))
+        # the same digest as folder_digest() of the exported folder: name -> sha256
+        dig = digest({e.path[len(rel):].lstrip("/"): e.sha256 for e in entries})
         prefix = f"{m.prefix}/{rel}".rstrip("/")
         folder = Path(store.path(prefix)) if store.protocol == "file" else None
         out[kind] = DraftSource(kind, f"{m.prefix}/{rel}", dig, folder=folder,
@@ -266,7 +253,7 @@ def run_benchmark(store: Store, cfg: BenchConfig, target: Any,
     when this draft, config, target and hardware already have a result and rerun is off.
     """
     rerun = rerun or cfg.rerun
-    tgt = _target_source(target, target_ref)
+    tgt = _target_source(target, target_ref, store)
     drafts = _train_drafts(store, train_manifest) if train_manifest is not None else {}
     for kind, folder in (("dflash", draft_folder), ("classic", classic_folder)):
         if folder is not None:
@@ -284,7 +271,8 @@ def run_benchmark(store: Store, cfg: BenchConfig, target: Any,
     if marker is not None and not rerun:
         log.info("bench: a result for this draft, config and hardware exists (%s); skipped "
                  "(pass rerun to measure again)", key)
-        return {**store.read_json(f"{marker.prefix}/result.json"), "skipped": True, "key": key}
+        return {**store.read_json(f"{marker.prefix}/result.json"), "skipped": True, "key": key,
+                "ref": marker.ref(store)}
 
     shape = bm.target_shape(tgt.local()) if tgt.loaded is None else tgt.loaded
     bm.check_drafts_shape(shape, drafts["dflash"].local() if "dflash" in drafts else None,
@@ -296,7 +284,7 @@ def run_benchmark(store: Store, cfg: BenchConfig, target: Any,
         out.write_json("result.json", result)
         return out.commit(extra={"run_id": result["run_id"], "summary": result["summary_path"]})
 
-    result["marker"] = run_stage(store, STAGE, key_cfg, inputs, code, build).ref(store)
+    result["ref"] = run_stage(store, STAGE, key_cfg, inputs, code, build).ref(store)
     return result
 
 
@@ -314,8 +302,9 @@ def _execute(store: Store, cfg: BenchConfig, tgt: TargetSource, drafts: dict[str
     classic = bm.load_classic(drafts["classic"].local(), target) \
         if "classic" in drafts and {"classic", "hf_assisted"} & set(cfg.methods) else None
     variants = _variants(cfg, dflash, classic, notes)
-    cells = [("hf_generate", None, 0.0)] + [
-        (m, b, t) for t in cfg.temperatures for m, b in variants if (m, b, t) != ("hf_generate", None, 0.0)]
+    ref = ("hf_generate", None, 0.0)  # always measured: the reference of speedup and audit
+    cells = [ref] + [(m, b, t) for t in cfg.temperatures for m, b in variants
+                     if (m, b, t) != ref]
     prompts: dict[str, list[bm.Prompt]] = {}
     for ds in cfg.datasets:
         got = bm.load_prompts(ds, cfg.n_prompts, cfg.seed, target.tokenizer, store, eval_manifest)
@@ -345,7 +334,8 @@ def _execute(store: Store, cfg: BenchConfig, tgt: TargetSource, drafts: dict[str
     warm = [p for ps in prompts.values() for p in ps][: cfg.warmup_prompts]
     for method, block, temp in cells:  # untimed: first calls pay allocation and dispatch setup
         for p in warm:
-            one(method, block, temp, p.ids, cfg.seed, min(cfg.warmup_new_tokens, cfg.max_new_tokens))
+            one(method, block, temp, p.ids, cfg.seed,
+                min(cfg.warmup_new_tokens, cfg.max_new_tokens))
     runs: list[Run] = []
     total = sum(len(ps) for ps in prompts.values()) * len(cells) * cfg.repeats
     with Progress("bench", total=total, unit="generations") as prog:
@@ -422,7 +412,7 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------- any draft
 def bench_any_draft(store: Store, cfg: BenchConfig, draft_ref: str | Path,
-                    target_ref: str | Path) -> dict[str, Any]:
+                    target_ref: str | Path, rerun: bool = False) -> dict[str, Any]:
     """`dflash bench --draft PATH --target REF`: benchmark an existing exported draft.
 
     The draft is our serving-layout DFlash folder or any classic causal-LM folder. Its config is
@@ -439,7 +429,8 @@ def bench_any_draft(store: Store, cfg: BenchConfig, draft_ref: str | Path,
     methods = [m for m in cfg.methods if m not in other] or ["hf_generate"]
     datasets = [d for d in cfg.datasets if d != "eval_split"] or ["mt_bench"]
     run_cfg = cfg.model_copy(update={"methods": methods, "datasets": datasets})
-    return run_benchmark(store, run_cfg, target_dir, rerun=cfg.rerun, target_ref=str(target_ref),
+    return run_benchmark(store, run_cfg, target_dir, rerun=rerun or cfg.rerun,
+                         target_ref=str(target_ref),
                          draft_folder=draft_dir if kind == "dflash" else None,
                          classic_folder=draft_dir if kind == "classic" else None)
 
@@ -450,8 +441,13 @@ def variant(row: dict[str, Any]) -> str:
     return f"{row['method']} b{b}" if b is not None else str(row["method"])
 
 
-def bench_table_rows(summary: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A compact table (list of dicts) of one run, for a Prefect table artifact or a terminal."""
+def bench_table_rows(*args: Any) -> list[dict[str, Any]]:
+    """A compact table (list of dicts) of one run, for a Prefect table artifact or a terminal.
+
+    Takes `run_benchmark`'s result (or its rows), optionally after the store:
+    ``bench_table_rows(result)`` or ``bench_table_rows(store, result)``.
+    """
+    summary = args[-1]
     rows = summary["rows"] if isinstance(summary, dict) else summary
 
     def r3(v: Any) -> Any:

@@ -4,9 +4,10 @@
 manifest, key = hash(config, target, filter, code). It lists:
 
     dflash-draft/{config.json,model.safetensors}   serving layout (best held-out tau_sim)
-    dflash-draft-last/...                          only with ``export_last``
+    last/dflash-draft/...                          only with ``export_last`` (last step)
     classic-draft/...                              AutoModelForCausalLM folder + tokenizer
-    train_metrics.parquet                          table "train_metrics", both phases
+    train_metrics.parquet                          table "train_metrics" (the DFlash draft)
+    classic_metrics.parquet                        table "classic_train_metrics" (baseline)
     train_summary.json                             data mix, best checkpoints, throughput, ...
 
 While it runs, ``checkpoints/<phase>/step-NNNNNNN/{weights,optim}.safetensors + state.json`` are
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage import Manifest, StageOutput, Store
 from storage.keys import normalise
@@ -74,13 +75,13 @@ class TrainConfig(BaseModel):
     grad_clip: float = Field(1.0, ge=0)
     batch_size: int = Field(4, ge=1, description="sequences per micro-batch per process")
     grad_accum: int = Field(1, ge=1)
-    epochs: float = Field(2.0, gt=0)
+    epochs: float = Field(6.0, gt=0, description="upper bound; the time budget usually binds")
     max_steps: int | None = Field(None, ge=1, description="overrides epochs")
-    time_limit_min: float | None = Field(None, gt=0, description="stop a phase early (not "
-                                         "reproducible; the schedule is not shortened)")
+    time_budget_min: float | None = Field(9.0, gt=0, description="wall-clock budget of the "
+                                          "DFlash phase: caps the step count, measured up front")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     # --- bookkeeping
-    eval_every: int = Field(100, ge=0, description="steps; 0 = only at the end")
+    eval_every: int = Field(50, ge=0, description="steps; 0 = only at the end")
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     export_last: bool = Field(False, description="also export the last-step draft")
@@ -88,6 +89,7 @@ class TrainConfig(BaseModel):
     classic_layers: int = Field(2, ge=0, le=8, description="0 = no classic draft")
     classic_max_steps: int | None = Field(None, ge=1, description="default: as the DFlash draft")
     classic_lr: float = Field(6e-4, gt=0)
+    classic_time_budget_min: float | None = Field(3.0, gt=0)
     distill_temperature: float = Field(1.0, gt=0)
     # --- execution
     nproc: int = Field(1, ge=1, description="data-parallel processes (torchrun DDP)")
@@ -102,11 +104,19 @@ class TrainConfig(BaseModel):
             data=DataSelection(max_seq_len=96, eval_max_seqs=4), anchors_per_seq=8,
             eval_anchors_per_seq=8, batch_size=2, max_steps=8, eval_every=4,
             checkpoint_every=4, log_every=1, classic_max_steps=4, features="online",
-            feature_dtype="float32", lr=2e-3, classic_lr=2e-3, warmup_frac=0.1)
+            feature_dtype="float32", lr=2e-3, classic_lr=2e-3, warmup_frac=0.1, threads=1,
+            time_budget_min=None, classic_time_budget_min=None)
         base.update(kw)
         return cls(**base)
 
+    @model_validator(mode="after")
+    def _one_seed(self) -> TrainConfig:
+        if self.data.seed not in (0, self.seed):
+            raise ValueError("set train.seed; train.data.seed follows it")
+        return self
+
     def selection(self) -> DataSelection:
+        """The data selection, seeded by ``seed`` (one seed for init, order and data)."""
         return self.data.model_copy(update={"seed": self.seed})
 
     def key_config(self) -> dict[str, Any]:
@@ -143,12 +153,13 @@ def folder_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_target(target: Manifest | str | Path) -> tuple[Path, Any]:
+def resolve_target(target: Manifest | str | Path, store: Store | None = None
+                   ) -> tuple[Path, Any]:
     """(local folder, input ref with a ``digest``) for a target manifest or a folder."""
     if isinstance(target, Manifest):
         from tasks.models import target_folder
 
-        return Path(target_folder(target)), target
+        return Path(target_folder(target, store)), target
     folder = Path(target).expanduser().resolve()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"target folder {folder} has no config.json")
@@ -163,9 +174,10 @@ def features_config(cfg: TrainConfig, layer_ids: list[int]) -> FeaturesConfig:
 def run_train(store: Store, cfg: TrainConfig, target_manifest_or_folder: Manifest | str | Path,
               filter_manifest: Manifest, force: bool = False) -> Manifest:
     """Train (or resume, or find cached) the drafts for this target and filter output."""
-    folder, target_ref = resolve_target(target_manifest_or_folder)
+    folder, target_ref = resolve_target(target_manifest_or_folder, store)
     inputs = {"target": target_ref, "filter": filter_manifest}
-    code = stage_code("train", ("tasks/train_dist.py", "tasks/train_features.py"))
+    code = stage_code("train", ("tasks/train_dist.py", "tasks/train_phases.py",
+                                "tasks/train_features.py"))
 
     def build(out: StageOutput) -> Manifest:
         from tasks import train_dist

@@ -18,9 +18,7 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +26,9 @@ from typing import Any
 import pyarrow as pa
 import torch
 from safetensors.torch import load as st_load
-from torch import Tensor, nn
+from torch import nn
 
-from dflash_models.classic import build_classic_draft, distill_loss
+from dflash_models.blocks import VocabHead
 from dflash_models.draft import DFlashDraft, DFlashDraftConfig
 from dflash_models.features import (
     CachedFeatures,
@@ -42,28 +40,17 @@ from dflash_models.features import (
 )
 from dflash_models.target import Target, default_target_layer_ids, load_target
 from dflash_models.trainer import (
-    IGNORE_INDEX,
     OPTIM,
     STATE,
     WEIGHTS,
-    BlockStats,
-    DFlashTrainModule,
     DistInfo,
-    VocabHead,
     all_reduce_sum,
-    autocast_context,
     barrier,
     build_optimizer,
     build_scheduler,
     checkpoint_blobs,
-    dflash_loss_sum,
-    eval_dflash_batch,
-    example_generator,
-    greedy_block_labels,
     init_distributed,
     load_trainable_state,
-    make_dflash_batch,
-    pad_stack,
     plan_step,
     restore_checkpoint,
     shutdown_distributed,
@@ -71,16 +58,21 @@ from dflash_models.trainer import (
     weights_bytes,
     wrap_ddp,
 )
-from dflash_models.training import sample_anchors
 from storage import Manifest, Store
 from storage.manifest import PARTS, recorded_parts, write_part
 from storage.parquet import to_parquet_bytes
 from tasks.progress import Progress
-from tasks.train_features import TrainData, load_data, read_features, run_features
+from tasks.train_features import load_data, read_features, run_features
+from tasks.train_phases import (
+    Ctx,
+    Phase,
+    Writer,
+    choose_draft_vocab,
+    classic_phase,
+    dflash_phase,
+)
 
 log = logging.getLogger("dflash")
-Writer = Callable[..., Any]  # (name, data, *, rows=None, table=None)
-EVAL_ANCHOR_EPOCH = -1  # anchors of eval examples come from generators of this pseudo-epoch
 
 
 @dataclass
@@ -101,33 +93,6 @@ class _Ref:
     digest: str
 
 
-@dataclass
-class Phase:
-    """What the generic loop needs to know about one model being trained."""
-
-    name: str
-    module: nn.Module  # its trainable parameters are what checkpoints hold
-    lr: float
-    total_steps: int
-    prepare: Callable[[list[int], int], Any]  # (example indices, epoch) -> micro-batch
-    loss_sum: Callable[[nn.Module, Any], Tensor]  # (possibly DDP) module, micro-batch
-    weight: Callable[[Any], float]
-    tokens: Callable[[Any], int]
-    evaluate: Callable[[], dict[str, Any] | None]
-    export: Callable[[str], dict[str, bytes]]  # folder name -> {relative name: bytes}
-    folder: str
-
-
-@dataclass
-class Ctx:
-    cfg: Any
-    store: Store
-    prefix: str
-    info: DistInfo
-    writer: Writer
-    n_train: int
-
-
 # ----------------------------------------------------------------------------- entry points
 def run_worker(job: Job, store: Store | None = None, writer: Writer | None = None
                ) -> dict[str, Any] | None:
@@ -140,12 +105,14 @@ def run_worker(job: Job, store: Store | None = None, writer: Writer | None = Non
     threads = cfg.threads
     if threads is None and info.world > 1 and info.device.type == "cpu":
         threads = max(1, (os.cpu_count() or 1) // info.world)
+    saved_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     writer = writer or functools.partial(write_part, store, job.prefix)
     try:
         return _train(job, cfg, store, info, writer)
     finally:
+        torch.set_num_threads(saved_threads)  # in-process runs must not leak the setting
         shutdown_distributed(info)
 
 
@@ -204,20 +171,25 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
                                                                target.vocab_size)
     head = VocabHead(target, draft_ids)
     summary["draft_config"] = dcfg.to_hf_dict()
-    summary["dflash"] = run_phase(_dflash_phase(ctx, target, draft, head, source, data,
+    summary["dflash"] = run_phase(dflash_phase(ctx, target, draft, head, source, data,
                                                 eval_rows, total, draft_ids), ctx)
     if cfg.classic_layers > 0:
         classic_total = cfg.classic_max_steps or total
-        summary["classic"] = run_phase(_classic_phase(ctx, target, data, eval_rows,
+        summary["classic"] = run_phase(classic_phase(ctx, target, data, eval_rows,
                                                       classic_total), ctx)
     if not info.main:
         return None
-    rows = summary["dflash"].pop("metrics") + (summary.get("classic") or {}).pop("metrics", [])
-    writer("train_metrics.parquet", to_parquet_bytes(_metrics_table(rows)), rows=len(rows),
-           table="train_metrics")
+    extra_files: list[str] = []
+    tables = [("train_metrics", summary["dflash"].pop("metrics"))]
+    if "classic" in summary:  # its own table: readers of train_metrics expect one curve
+        tables.append(("classic_train_metrics", summary["classic"].pop("metrics")))
+    for table, rows in tables:
+        name = "train_metrics.parquet" if table == "train_metrics" else "classic_metrics.parquet"
+        writer(name, to_parquet_bytes(_metrics_table(rows)), rows=len(rows), table=table)
+        extra_files.append(name)
     summary["wall_s"] = time.perf_counter() - t0
     files = [f for ph in ("dflash", "classic") for f in (summary.get(ph) or {}).get("files", [])]
-    summary["outputs"] = sorted(files + ["train_metrics.parquet", "train_summary.json"])
+    summary["outputs"] = sorted(files + extra_files + ["train_summary.json"])
     writer("train_summary.json", json.dumps(summary, indent=2, default=float).encode())
     return summary
 
@@ -231,171 +203,6 @@ def _compute_rows(target: Target, examples: list[Any], layer_ids: list[int]
     return rows
 
 
-def choose_draft_vocab(data: TrainData, size: int, vocab: int) -> tuple[Tensor, dict[str, Any]]:
-    """The ``size`` most frequent training response tokens (ties by id), and their coverage of
-    training and held-out response tokens: a token outside the set can never be drafted."""
-    counts = torch.zeros(vocab, dtype=torch.long)
-    for ex in data.train:
-        counts += torch.bincount(ex.ids[ex.response_start:], minlength=vocab)
-    order = sorted(range(vocab), key=lambda t: (-int(counts[t]), t))[: min(size, vocab)]
-    ids = torch.tensor(sorted(order), dtype=torch.long)
-    inside = torch.zeros(vocab, dtype=torch.bool)
-    inside[ids] = True
-
-    def coverage(exs: list[Any]) -> float:
-        toks = torch.cat([e.ids[e.response_start:] for e in exs]) if exs else torch.zeros(0)
-        return float(inside[toks.long()].float().mean()) if toks.numel() else float("nan")
-
-    return ids, {"size": int(ids.numel()), "train_coverage": coverage(data.train),
-                 "eval_coverage": coverage(data.eval)}
-
-
-# ----------------------------------------------------------------------------- phases
-def _eval_anchors(cfg: Any, data: TrainData) -> list[Tensor]:
-    return [sample_anchors(ex.response_start, int(ex.ids.shape[0]), cfg.eval_anchors_per_seq,
-                           cfg.block_size, example_generator(cfg.seed, EVAL_ANCHOR_EPOCH, i))
-            for i, ex in enumerate(data.eval)]
-
-
-def _dflash_phase(ctx: Ctx, target: Target, draft: DFlashDraft, head: VocabHead, source: Any,
-                  data: TrainData, eval_rows: dict[int, FeatureRow], total: int,
-                  draft_ids: Tensor | None) -> Phase:
-    cfg, dev = ctx.cfg, ctx.info.device
-    module = DFlashTrainModule(draft)
-    mask_id, B = draft.config.mask_token_id, cfg.block_size
-    amp = functools.partial(autocast_context, dev, cfg.bf16)
-
-    def prepare(idxs: list[int], epoch: int) -> Any:
-        rows = source.get(idxs)
-        anchors = [sample_anchors(data.train[i].response_start, int(r.ids.shape[0]),
-                                  cfg.anchors_per_seq, B, example_generator(cfg.seed, epoch, i))
-                   for i, r in zip(idxs, rows, strict=True)]
-        batch = make_dflash_batch([r.ids for r in rows], [r.features for r in rows], anchors, B,
-                                  mask_id, cfg.gamma, device=dev)
-        batch.weights *= head.labels(batch.labels) != IGNORE_INDEX
-        return batch
-
-    eval_batches = []
-    if eval_rows:
-        anchors = _eval_anchors(cfg, data)
-        for chunk in range(0, len(data.eval), 4):
-            idx = list(range(chunk, min(chunk + 4, len(data.eval))))
-            rows = [eval_rows[i] for i in idx]
-            labels = [greedy_block_labels(r.ids, r.greedy, anchors[i], B)
-                      for i, r in zip(idx, rows, strict=True)]
-            eval_batches.append(make_dflash_batch(
-                [r.ids for r in rows], [r.features.float() for r in rows],
-                [anchors[i] for i in idx], B, mask_id, cfg.gamma, labels=labels, device=dev))
-
-    def evaluate() -> dict[str, Any] | None:
-        if not eval_batches:
-            return None
-        stats = BlockStats(B)
-        for b in eval_batches:
-            eval_dflash_batch(module, target, head, b, stats, amp)
-        return stats.result()
-
-    def export(folder: str) -> dict[str, bytes]:
-        files = _folder_bytes(lambda p: draft.export(p))
-        if draft_ids is not None:
-            from safetensors.torch import save
-
-            files["draft_vocab.safetensors"] = save({"d2t": draft_ids.cpu()})
-        return {f"{folder}/{k}": v for k, v in files.items()}
-
-    return Phase("dflash", module, cfg.lr, total, prepare,
-                 lambda m, b: dflash_loss_sum(m, target, head, b, amp),
-                 lambda b: float(b.weights.sum()), lambda b: b.tokens, evaluate, export,
-                 "dflash-draft")
-
-
-class ClassicTrainModule(nn.Module):
-    """Student logits only where the loss needs them (the LM head is the dominant cost)."""
-
-    def __init__(self, lm: nn.Module) -> None:
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, ids: Tensor, attn: Tensor, sel: Tensor) -> Tensor:
-        hidden = self.lm.model(input_ids=ids, attention_mask=attn).last_hidden_state
-        return self.lm.lm_head(hidden[sel])
-
-
-def _classic_phase(ctx: Ctx, target: Target, data: TrainData,
-                   eval_rows: dict[int, FeatureRow], total: int) -> Phase:
-    cfg, dev = ctx.cfg, ctx.info.device
-    torch.manual_seed(cfg.seed + 1)
-    lm = build_classic_draft(target, num_layers=cfg.classic_layers).to(dev, torch.float32)
-    lm.get_input_embeddings().weight.requires_grad_(False)  # the target's, as DFlash's are
-    lm.get_output_embeddings().weight.requires_grad_(False)
-    lm.train()
-    module = ClassicTrainModule(lm)
-    amp = functools.partial(autocast_context, dev, cfg.bf16)
-    T = cfg.distill_temperature
-
-    def padded(exs: list[Any]) -> tuple[Tensor, Tensor, Tensor]:
-        ids = pad_stack([e.ids for e in exs], 0).to(dev)
-        attn = pad_stack([torch.ones_like(e.ids) for e in exs], 0).to(dev)
-        sel = torch.zeros_like(ids, dtype=torch.bool)  # position p predicts response token p+1
-        for i, e in enumerate(exs):
-            sel[i, e.response_start - 1: int(e.ids.shape[0]) - 1] = True
-        return ids, attn, sel
-
-    def prepare(idxs: list[int], epoch: int) -> Any:
-        ids, attn, sel = padded([data.train[i] for i in idxs])
-        with torch.no_grad():
-            teacher = target.forward(ids, attention_mask=attn).logits[sel]
-        return ids, attn, sel, teacher, int(attn.sum())
-
-    def loss_sum(m: nn.Module, b: Any) -> Tensor:
-        ids, attn, sel, teacher, _ = b
-        with amp():
-            student = m(ids, attn, sel)
-        n = teacher.shape[0]
-        return distill_loss(student, teacher, torch.ones(n, dtype=torch.bool, device=dev), T) * n
-
-    anchors = _eval_anchors(cfg, data)
-
-    @torch.no_grad()
-    def evaluate() -> dict[str, Any] | None:
-        if not eval_rows:
-            return None
-        stats, B = BlockStats(cfg.block_size), cfg.block_size
-        for chunk in range(0, len(data.eval), 4):
-            idx = list(range(chunk, min(chunk + 4, len(data.eval))))
-            ids, attn, _ = padded([data.eval[i] for i in idx])
-            with amp():
-                logits = lm(input_ids=ids, attention_mask=attn).logits.float()
-            pred = torch.cat([torch.full_like(ids[:, :1], -1), logits.argmax(-1)[:, :-1]], 1)
-            for j, i in enumerate(idx):
-                r, a = eval_rows[i], anchors[i]
-                labels = greedy_block_labels(r.ids, r.greedy, a, B)
-                pos = (a[:, None] + torch.arange(B)).clamp_max(int(r.ids.shape[0]) - 1)
-                stats.update(pred[j].cpu()[pos], labels)
-                start, n = data.eval[i].response_start, int(r.ids.shape[0])
-                ce = torch.nn.functional.cross_entropy(
-                    logits[j, start - 1: n - 1], r.greedy[start:n].to(dev), reduction="sum")
-                stats.add_loss(float(ce), n - start)
-        return stats.result()
-
-    def export(folder: str) -> dict[str, bytes]:
-        def save(p: str) -> None:
-            lm.save_pretrained(p)
-            if target.tokenizer is not None:
-                target.tokenizer.save_pretrained(p)
-        return {f"{folder}/{k}": v for k, v in _folder_bytes(save).items()}
-
-    return Phase("classic", module, cfg.classic_lr, total, prepare, loss_sum,
-                 lambda b: float(b[2].sum()), lambda b: b[4], evaluate, export, "classic-draft")
-
-
-def _folder_bytes(save: Callable[[str], Any]) -> dict[str, bytes]:
-    with tempfile.TemporaryDirectory() as tmp:
-        save(tmp)
-        return {p.relative_to(tmp).as_posix(): p.read_bytes()
-                for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
-
-
 # ----------------------------------------------------------------------------- the loop
 def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
     """Train one phase to its end (or resume it, or return its recorded result)."""
@@ -405,9 +212,10 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
     if f"{ckdir}/done.json" in recorded:  # finished before a kill: its files are recorded
         barrier(info)
         return json.loads(store.read_bytes(f"{prefix}/{ckdir}/done.json"))
+    model = wrap_ddp(ph.module, info)
+    total = _plan_total(ph, ctx, model, recorded)
     opt = build_optimizer(ph.module, ph.lr, cfg.weight_decay)
-    sched = build_scheduler(opt, ph.total_steps, round(cfg.warmup_frac * ph.total_steps),
-                            cfg.min_lr_ratio)
+    sched = build_scheduler(opt, total, round(cfg.warmup_frac * total), cfg.min_lr_ratio)
     state: dict[str, Any] = {"step": 0, "metrics": [], "best": None, "wall_s": 0.0,
                              "train_time_s": 0.0, "train_tokens": 0, "resumed_from": None}
     last = _latest_checkpoint(recorded, ckdir)
@@ -416,15 +224,14 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
         state = restore_checkpoint(blobs, ph.module, opt, sched)
         state["resumed_from"] = state["step"]
         log.info("train %s: resuming from step %d", ph.name, state["step"])
-    model = wrap_ddp(ph.module, info)
     t0, wall0 = time.perf_counter(), state["wall_s"]
     n, world = ctx.n_train, info.world
     global_batch = cfg.batch_size * cfg.grad_accum * world
     row: dict[str, Any] = {}
-    with Progress(f"train {ph.name}", total=ph.total_steps, unit="steps",
+    with Progress(f"train {ph.name}", total=total, unit="steps",
                   artifact_key=f"train-{ph.name}", enabled=info.main) as prog:
         prog.advance(state["step"])
-        for step in range(state["step"], ph.total_steps):
+        for step in range(state["step"], total):
             ts = time.perf_counter()
             plan = plan_step(step, n, cfg.seed, cfg.batch_size, cfg.grad_accum, world)
             mbs = [ph.prepare(idx, plan.epoch) for idx in plan.for_rank(info.rank)]
@@ -440,10 +247,7 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
             row = {"phase": ph.name, "step": s, "epoch": s * global_batch / n, "loss": loss,
                    "lr": res.lr, "grad_norm": res.grad_norm, "tokens_per_s": tok / dt,
                    "train_tokens": state["train_tokens"]}
-            over = bool(cfg.time_limit_min) and (wall0 + time.perf_counter() - t0
-                                                 > 60 * cfg.time_limit_min)
-            (stop,) = all_reduce_sum([float(over and info.main)], info)
-            end = s == ph.total_steps or stop > 0
+            end = s == total
             if info.main and ((cfg.eval_every and s % cfg.eval_every == 0) or end):
                 ev = ph.evaluate()
                 if ev is not None:
@@ -466,6 +270,46 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
     result = _finish_phase(ph, ctx, state) if info.main else {}
     barrier(info)
     return result
+
+
+def _plan_total(ph: Phase, ctx: Ctx, model: nn.Module, recorded: set[str]) -> int:
+    """The phase's step count: from epochs/max_steps, cut to fit ``budget_s`` if one is set.
+
+    A budget is turned into steps ONCE, before the first optimiser step (two timed
+    forward/backward passes on the first batch and one timed evaluation), so the cosine schedule
+    still runs to its end; the plan is recorded so that a resumed run keeps it.
+    """
+    name = f"checkpoints/{ph.name}/plan.json"
+    if not ph.budget_s:
+        return ph.total_steps
+    if name in recorded:
+        return int(json.loads(ctx.store.read_bytes(f"{ctx.prefix}/{name}"))["total_steps"])
+    cfg, info = ctx.cfg, ctx.info
+    first = plan_step(0, ctx.n_train, cfg.seed, cfg.batch_size, cfg.grad_accum, info.world)
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        mbs = [ph.prepare(idx, first.epoch) for idx in first.for_rank(info.rank)]
+        (w,) = all_reduce_sum([sum(ph.weight(b) for b in mbs)], info)
+        for b in mbs:
+            (ph.loss_sum(model, b) / max(w, 1e-12)).backward()
+        times.append(time.perf_counter() - t)
+    model.zero_grad(set_to_none=True)
+    t = time.perf_counter()
+    ev = ph.evaluate() if info.main else None
+    eval_s = time.perf_counter() - t
+    step_s, eval_s = all_reduce_sum([min(times) if info.main else 0.0,
+                                     eval_s if info.main else 0.0], info)
+    per_step = step_s + (eval_s / cfg.eval_every if cfg.eval_every else 0.0)
+    fit = max(1, int((ph.budget_s - eval_s) / max(per_step, 1e-9)))
+    plan = {"nominal_steps": ph.total_steps, "budget_s": ph.budget_s, "step_s": step_s,
+            "eval_s": eval_s, "total_steps": min(ph.total_steps, fit),
+            "initial_eval": ev}
+    log.info("train %s: %.2f s/step, %.1f s/eval -> %d steps in %.0f s (nominal %d)", ph.name,
+             step_s, eval_s, plan["total_steps"], ph.budget_s, ph.total_steps)
+    if info.main:
+        ctx.writer(name, json.dumps(plan, default=float).encode())
+    return plan["total_steps"]
 
 
 def _latest_checkpoint(recorded: set[str], ckdir: str) -> str | None:
@@ -491,7 +335,8 @@ def _write_checkpoint(ph: Phase, ctx: Ctx, opt: Any, sched: Any, state: dict[str
     blobs = checkpoint_blobs(ph.module, opt, sched, state)
     for name in (WEIGHTS, OPTIM, STATE):  # state.json last: it completes the checkpoint
         ctx.writer(f"{d}/{name}", blobs[name])
-    keep = {f"{d}/{n}" for n in blobs} | ({state["best"]["file"]} if state["best"] else set())
+    keep = {f"{d}/{n}" for n in blobs} | {f"checkpoints/{ph.name}/plan.json"}
+    keep |= {state["best"]["file"]} if state["best"] else set()
     for name in recorded_parts(ctx.store, ctx.prefix):
         if name.startswith(f"checkpoints/{ph.name}/") and name not in keep:
             _drop(ctx.store, ctx.prefix, name)
@@ -507,7 +352,7 @@ def _finish_phase(ph: Phase, ctx: Ctx, state: dict[str, Any]) -> dict[str, Any]:
     """Export the best (held-out tau_sim) weights, record the phase as done."""
     files: dict[str, bytes] = {}
     if ctx.cfg.export_last:
-        files.update(ph.export(f"{ph.folder}-last"))
+        files.update(ph.export(f"last/{ph.folder}"))  # deeper: readers take the shallowest
     best = state["best"]
     if best is not None:
         load_trainable_state(ph.module, st_load(ctx.store.read_bytes(
@@ -516,7 +361,7 @@ def _finish_phase(ph: Phase, ctx: Ctx, state: dict[str, Any]) -> dict[str, Any]:
     for name, data in files.items():
         ctx.writer(name, data)
     last = state["metrics"][-1] if state["metrics"] else {}
-    result = {"steps": state["step"], "total_steps": ph.total_steps, "best": best,
+    result = {"steps": state["step"], "total_steps": state["step"], "best": best,
               "last": {k: last.get(k) for k in ("step", "loss", "tau_sim", "acc", "eval_loss")},
               "tokens_per_s": state["train_tokens"] / max(state["train_time_s"], 1e-9),
               "train_tokens": state["train_tokens"], "train_time_s": state["train_time_s"],

@@ -19,30 +19,19 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from dflash_models.features import (
-    Example,
-    FeatureRow,
-    bytes_per_token,
-    end_of_turn_id,
-    length_batches,
-    make_example,
-    original_response_ids,
-    pack_shard,
-    plan_shards,
-    target_pass,
-    unpack_shard,
-)
 from storage import Manifest, Store
 from storage.keys import code_fingerprint
 from storage.parquet import read_parquet
 from tasks.base import run_stage
 from tasks.progress import Progress
+
+if TYPE_CHECKING:  # torch is imported lazily: the CLI validates configs without loading it
+    from dflash_models.features import Example, FeatureRow
 
 log = logging.getLogger("dflash")
 STAGE = "features"
@@ -60,7 +49,7 @@ class DataSelection(BaseModel):
     max_train_tokens: int | None = Field(None, ge=1, description="cap on training response tokens")
     max_seq_len: int = Field(512, ge=8, description="prompt + response truncated to this")
     eval_max_seqs: int = Field(32, ge=0, description="held-out sequences for tau_sim")
-    seed: int = 0
+    seed: int = Field(0, description="follows train.seed")
 
 
 @dataclass
@@ -71,6 +60,8 @@ class TrainData:
 
 
 def _seeded_order(n: int, seed: int, salt: int) -> list[int]:
+    import torch
+
     g = torch.Generator().manual_seed(seed * 1_000_003 + salt)
     return torch.randperm(n, generator=g).tolist()
 
@@ -99,6 +90,8 @@ def select_data(train: pa.Table, eval_: pa.Table, tokenizer: Any, eos_id: int | 
                 sel: DataSelection) -> TrainData:
     """Deterministic example selection: seeded row orders per source, then a seeded interleave
     cut at the token budget (so a smaller budget is a prefix of a larger one)."""
+    from dflash_models.features import make_example, original_response_ids
+
     prompts = train.column("prompt_token_ids").to_pylist()
     responses = train.column("response_token_ids").to_pylist()
     refs = train.column("reference_response").to_pylist()
@@ -149,6 +142,8 @@ def select_data(train: pa.Table, eval_: pa.Table, tokenizer: Any, eos_id: int | 
 
 def load_data(store: Store, filter_manifest: Manifest, target: Any,
               sel: DataSelection) -> TrainData:
+    from dflash_models.features import end_of_turn_id
+
     return select_data(load_split(store, filter_manifest, "train"),
                        load_split(store, filter_manifest, "eval"),
                        target.tokenizer, end_of_turn_id(target), sel)
@@ -172,14 +167,17 @@ def features_code() -> str:
 
 def run_features(store: Store, cfg: FeaturesConfig, inputs: dict[str, Any], target: Any,
                  data: TrainData, force: bool = False) -> Manifest:
-    """Compute (or find) the cached features of ``data`` (``inputs``: target and filter refs).
-
-    ``target`` is a loaded Target or a zero-argument callable that loads one (only called when
-    the cache is missing).
-    """
+    """Compute (or find) the cached features of ``data`` (``inputs``: target and filter refs)."""
+    from dflash_models.features import (
+        bytes_per_token,
+        length_batches,
+        pack_shard,
+        plan_shards,
+        target_pass,
+    )
 
     def build(out: Any) -> Manifest:
-        tgt = target() if callable(target) else target
+        tgt = target
         done = out.recorded()
         summary: dict[str, Any] = {"layer_ids": cfg.layer_ids, "dtype": cfg.dtype,
                                    "bytes_per_token": bytes_per_token(
@@ -215,6 +213,8 @@ def run_features(store: Store, cfg: FeaturesConfig, inputs: dict[str, Any], targ
 
 def read_features(store: Store, manifest: Manifest, split: str) -> dict[int, FeatureRow]:
     """All rows of one split of a committed features output, by example index."""
+    from dflash_models.features import unpack_shard
+
     rows: dict[int, FeatureRow] = {}
     for f in manifest.files:
         if f.path.startswith(f"{split}-") and f.path.endswith(".safetensors"):

@@ -19,27 +19,28 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 
-from dflash_models.features import OnlineFeatures, bytes_per_token, target_pass
-from dflash_models.target import load_target
-from dflash_models.trainer import (
-    IGNORE_INDEX,
+from dflash_models.blocks import (
     BlockStats,
     DFlashTrainModule,
     VocabHead,
+    dflash_loss_sum,
+    greedy_block_labels,
+    make_dflash_batch,
+)
+from dflash_models.features import OnlineFeatures, bytes_per_token, target_pass
+from dflash_models.target import load_target
+from dflash_models.trainer import (
     build_optimizer,
     build_scheduler,
     checkpoint_blobs,
-    dflash_loss_sum,
     example_generator,
-    greedy_block_labels,
     lr_factor,
-    make_dflash_batch,
     plan_step,
     restore_checkpoint,
 )
-from dflash_models.training import block_accuracy, sample_anchors
+from dflash_models.training import IGNORE_INDEX, block_accuracy, sample_anchors
 from storage import StageOutput, Store, read_manifest
 from storage.catalog import connect
 from tasks.train import TrainConfig, features_config, resolve_target, run_train
@@ -65,6 +66,16 @@ QA = [
 
 
 # ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from 2 threads, and on a shared 2-core box OpenMP spin-waits
+    make 2 threads 10-100x slower; the stage itself takes ``threads`` from its config."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def chat_ids(tok, question: str) -> list[int]:
     text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                    add_generation_prompt=True)
@@ -98,7 +109,7 @@ def tiny_target_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path)
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=512, tie_word_embeddings=True,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     LlamaForCausalLM(cfg).save_pretrained(folder)
@@ -206,3 +217,295 @@ def test_greedy_block_labels_follow_the_target_chain() -> None:
 def test_feature_bytes_per_token() -> None:
     assert bytes_per_token(4, 576, "bfloat16") == 4 * 576 * 2 + 8
     assert bytes_per_token(5, 4096, "float32") == 5 * 4096 * 4 + 8
+
+
+# ----------------------------------------------------------------------------- features
+def test_online_and_cached_features_give_the_same_loss(tmp_path: Path, tiny_target_dir: Path,
+                                                       tiny_rows: list[dict]) -> None:
+    from dflash_models.draft import DFlashDraft, DFlashDraftConfig
+    from dflash_models.features import CachedFeatures
+
+    store, fm = tiny_store(tmp_path, tiny_rows)
+    target = load_target(tiny_target_dir, device="cpu")
+    folder, ref = resolve_target(tiny_target_dir)
+    layer_ids = [1, 3, 5]
+    torch.manual_seed(0)
+    draft = DFlashDraft(DFlashDraftConfig.from_target(target, num_layers=1, block_size=4,
+                                                      target_layer_ids=layer_ids))
+    module, head = DFlashTrainModule(draft), VocabHead(target)
+    idx = [0, 3, 7]
+
+    def loss(source, data) -> torch.Tensor:
+        rows = source.get(idx)
+        anchors = [sample_anchors(data.train[i].response_start, len(r.ids), 6, 4,
+                                  example_generator(0, 0, i))
+                   for i, r in zip(idx, rows, strict=True)]
+        batch = make_dflash_batch([r.ids for r in rows], [r.features for r in rows], anchors,
+                                  4, draft.config.mask_token_id, 4.0)
+        return dflash_loss_sum(module, target, head, batch) / batch.weights.sum()
+
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = TrainConfig.tiny(features="cached", feature_dtype=dtype, target_layer_ids=layer_ids)
+        data = load_data(store, fm, target, cfg.selection())
+        fman = run_features(store, features_config(cfg, layer_ids),
+                            {"target": ref, "filter": fm}, target, data)
+        assert fman.extra["bytes_per_token"] == bytes_per_token(3, 64, dtype)
+        stored = sum(f.size for f in fman.files if f.path.endswith(".safetensors"))
+        tokens = sum(s["tokens"] for s in fman.extra["splits"].values())
+        assert stored == pytest.approx(tokens * fman.extra["bytes_per_token"], rel=0.1)
+        losses[dtype] = loss(CachedFeatures(read_features(store, fman, "train"), data.train),
+                             data)
+    losses["online"] = loss(OnlineFeatures(target, layer_ids, data.train), data)
+    torch.testing.assert_close(losses["online"], losses["float32"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["online"], losses["bfloat16"], rtol=2e-2, atol=1e-3)
+    # a batch's features do not depend on what else rides in the batch (right padding)
+    alone = target_pass(target, [data.train[3].ids], layer_ids)[0].features
+    torch.testing.assert_close(OnlineFeatures(target, layer_ids, data.train).get(idx)[1].features,
+                               alone, rtol=1e-4, atol=1e-5)
+
+
+def test_padded_batch_blocks_see_only_context_before_their_anchor(tiny_target_dir: Path
+                                                                   ) -> None:
+    """Sequences of different lengths in one right-padded batch (with -1 padding blocks): a
+    block's hidden states ignore features at or after its anchor and do not depend on the
+    other sequences in the batch."""
+    from dflash_models.draft import DFlashDraft, DFlashDraftConfig
+
+    target = load_target(tiny_target_dir, device="cpu")
+    torch.manual_seed(0)
+    draft = DFlashDraft(DFlashDraftConfig.from_target(target, num_layers=2, block_size=4,
+                                                      target_layer_ids=[1, 3]))
+    module = DFlashTrainModule(draft).eval()
+    ids = [torch.randint(0, 1000, (20,)), torch.randint(0, 1000, (13,))]
+    feats = [torch.randn(20, 128), torch.randn(13, 128)]
+    anchors = [torch.tensor([5, 9, 17]), torch.tensor([4, 11])]
+
+    def hidden(ids_, feats_, anchors_):
+        b = make_dflash_batch(ids_, feats_, anchors_, 4, draft.config.mask_token_id, 4.0)
+        with torch.no_grad():
+            return module(target.embed(b.block_ids), b.features, b.block_positions, b.mask)
+
+    base = hidden(ids, feats, anchors)
+    for n, a in enumerate(anchors[1].tolist()):
+        noisy = feats[1].clone()
+        noisy[a:] += 10 * torch.randn_like(noisy[a:])
+        out = hidden(ids, [feats[0], noisy], anchors)
+        blk = slice(4 * n, 4 * n + 4)
+        torch.testing.assert_close(out[1, blk], base[1, blk], rtol=1e-5, atol=1e-5)
+        if n == 0:  # the perturbation reaches the later block's context: it does change
+            assert not torch.allclose(out[1, 4 * (n + 1):8], base[1, 4 * (n + 1):8])
+    alone = hidden([ids[1]], [feats[1]], [anchors[1]])
+    torch.testing.assert_close(alone[0], base[1, :8], rtol=1e-4, atol=1e-5)
+
+
+def test_data_mix_is_configurable_and_recorded(tmp_path: Path, tiny_target_dir: Path,
+                                               tiny_rows: list[dict]) -> None:
+    store, fm = tiny_store(tmp_path, tiny_rows)
+    target = load_target(tiny_target_dir, device="cpu")
+    both = load_data(store, fm, target, DataSelection(max_seq_len=96))
+    orig = load_data(store, fm, target, DataSelection(mix_regenerated=0.0, max_seq_len=96))
+    half = load_data(store, fm, target, DataSelection(mix_original=0.5, max_train_tokens=150,
+                                                      max_seq_len=96))
+    assert {e.source for e in both.train} == {"regenerated", "original"}
+    assert {e.source for e in orig.train} == {"original"}
+    assert both.mix["sources"]["original"]["sequences"] == len(tiny_rows) - 4
+    assert 150 <= half.mix["response_tokens"] < 150 + 40
+    # an original answer is the source text in the target's tokens, closed by end-of-turn
+    ex = orig.train[0]
+    text = target.tokenizer.decode(ex.ids[ex.response_start:-1])
+    assert text == tiny_rows[4 + ex.row]["reference"]
+    assert int(ex.ids[-1]) == target.tokenizer.eos_token_id
+    # held-out sequences are always the eval split's regenerated responses
+    assert all(e.source == "regenerated" for e in both.eval) and len(both.eval) == 4
+
+
+def test_reduced_draft_vocab_head_and_coverage(tmp_path: Path, tiny_target_dir: Path,
+                                                tiny_rows: list[dict]) -> None:
+    """EAGLE-3-style reduced head: its logits are the full head's rows, out-of-vocabulary labels
+    carry no loss, and the run records coverage and exports the id map."""
+    target = load_target(tiny_target_dir, device="cpu")
+    ids = torch.tensor([3, 17, 400, 2])
+    head, full = VocabHead(target, ids), VocabHead(target)
+    h = torch.randn(5, 64)
+    torch.testing.assert_close(head.logits(h), full.logits(h)[:, ids])
+    labels = torch.tensor([17, 5, IGNORE_INDEX, 2])
+    assert head.labels(labels).tolist() == [1, IGNORE_INDEX, IGNORE_INDEX, 3]
+    assert head.to_target(torch.tensor([0, 3])).tolist() == [3, 2]
+
+    store, fm = tiny_store(tmp_path, tiny_rows)
+    m = run_train(store, TrainConfig.tiny(draft_vocab_size=64, max_steps=3, classic_layers=0,
+                                          time_budget_min=1e-4), tiny_target_dir, fm)
+    assert m.extra["dflash"]["steps"] == 1  # a budget far below one step still takes one
+    info = m.extra["draft_vocab"]
+    assert info["size"] == 64 and 0.5 < info["train_coverage"] <= 1.0
+    assert 0.0 <= info["eval_coverage"] <= 1.0
+    d2t = load(store.read_bytes(f"{m.prefix}/dflash-draft/draft_vocab.safetensors"))["d2t"]
+    assert d2t.shape == (64,) and torch.equal(d2t, d2t.sort().values)
+
+
+# ----------------------------------------------------------------------------- resume, DDP
+KILL_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from storage import Store, read_manifest
+    from tasks.train import TrainConfig, run_train
+    store_path, folder, cfg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    store = Store(store_path)
+    run_train(store, TrainConfig(**cfg), Path(folder), read_manifest(store, "filter", "test-filter"))
+""")
+
+
+def _draft_state(store: Store, manifest, folder: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(store.read_bytes(f"{manifest.prefix}/{folder}/model.safetensors"))
+
+
+def test_sigkill_resume_reaches_the_same_weights(tmp_path: Path, tiny_target_dir: Path,
+                                                 tiny_rows: list[dict]) -> None:
+    cfg = TrainConfig.tiny(max_steps=12, checkpoint_every=3, eval_every=3, classic_layers=0,
+                           export_last=True)
+    ref_store, fm = tiny_store(tmp_path / "ref", tiny_rows)
+    ref = run_train(ref_store, cfg, tiny_target_dir, fm)
+
+    import shutil
+
+    shutil.copytree(tmp_path / "ref/store/filter", tmp_path / "killed/store/filter")
+    store = Store(tmp_path / "killed/store")  # same filter output, same key, fresh train folder
+    env = {**os.environ, "DFLASH_TRAIN_THROTTLE_S": "0.4", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "killed/store"),
+                             str(tiny_target_dir), cfg.model_dump_json()], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = "checkpoints__dflash__step-0000006__state.json.json"
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "killed/store/train").glob(f"*/_parts/{marker}")):
+        assert proc.poll() is None, "training subprocess ended before its checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_manifest(store, "train", ref.key) is None  # killed before committing
+
+    resumed = run_train(store, cfg, tiny_target_dir, fm)
+    assert resumed.key == ref.key
+    summary = json.loads(store.read_bytes(f"{resumed.prefix}/train_summary.json"))
+    assert summary["dflash"]["resumed_from"] in (6, 9)  # the newest complete checkpoint
+    for folder in ("last/dflash-draft", "dflash-draft"):
+        a, b = _draft_state(ref_store, ref, folder), _draft_state(store, resumed, folder)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert resumed.extra["dflash"]["best"]["step"] == ref.extra["dflash"]["best"]["step"]
+    con_ref, con = connect(ref_store), connect(store)
+    q = "SELECT step, loss, tau_sim FROM train_metrics ORDER BY step"
+    for (s1, l1, t1), (s2, l2, t2) in zip(con_ref.sql(q).fetchall(), con.sql(q).fetchall(),
+                                          strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
+        assert (t1 is None and t2 is None) or t1 == pytest.approx(t2, rel=1e-6)
+    assert not store.find(f"{resumed.prefix}/checkpoints")  # resume state is cleaned up
+
+
+def test_ddp_two_processes_match_one(tmp_path: Path, tiny_target_dir: Path,
+                                     tiny_rows: list[dict]) -> None:
+    """torchrun --nproc_per_node 2 (gloo): per-step losses equal a single process's with the
+    same global batch."""
+    one = TrainConfig.tiny(batch_size=4, max_steps=3, eval_every=0, classic_layers=0)
+    two = one.model_copy(update={"batch_size": 2, "nproc": 2})
+    losses = []
+    for name, cfg in (("one", one), ("two", two)):
+        store, fm = tiny_store(tmp_path / name, tiny_rows)
+        m = run_train(store, cfg, tiny_target_dir, fm)
+        rows = connect(store).sql("SELECT step, loss FROM train_metrics WHERE phase = 'dflash' "
+                                  "ORDER BY step").fetchall()
+        losses.append([loss for _, loss in rows])
+        assert m.extra["dflash"]["steps"] == 3
+    assert len(losses[0]) == 3
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert losses[0][0] != pytest.approx(losses[0][2], rel=1e-4)  # it did train
+
+
+# ----------------------------------------------------------------------------- a real run
+@pytest.mark.slow
+def test_smollm2_training_loss_falls_and_exports_reload(tmp_path: Path, smollm2_dir: Path
+                                                        ) -> None:
+    """Real SmolLM2 target and its own greedy continuations: the DFlash loss falls, the
+    exported draft reloads and reproduces the recorded held-out tau_sim, and the classic
+    draft works as transformers' assistant model (lossless)."""
+    from transformers import AutoModelForCausalLM
+
+    from dflash_models.blocks import eval_dflash_batch
+    from dflash_models.draft import DFlashDraft, check_compatible
+    from dflash_models.features import CachedFeatures  # noqa: F401  (documented path)
+    from tasks.train_phases import eval_anchors
+
+    target = load_target(smollm2_dir, device="cpu")
+    tok = target.tokenizer
+    tok.padding_side = "left"
+    qa = QA[:8]
+    enc = tok([tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                       add_generation_prompt=True) for q, _ in qa],
+              return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        gen = target.model.generate(**enc, max_new_tokens=24, do_sample=False)
+    rows = []
+    for i, (q, a) in enumerate(qa):
+        prompt = chat_ids(tok, q)
+        resp = [t for t in gen[i, enc["input_ids"].shape[1]:].tolist() if t != tok.pad_token_id]
+        rows.append({"prompt_id": f"q{i}", "prompt": prompt, "response": resp, "reference": a})
+    store = Store(tmp_path / "store")
+    fm = write_filter(store, rows, n_eval=2)
+    cfg = TrainConfig.tiny(features="cached", feature_dtype="bfloat16", max_steps=24,
+                           anchors_per_seq=12, lr=1e-3, eval_every=12, checkpoint_every=12,
+                           classic_max_steps=4,
+                           data=DataSelection(max_seq_len=128, eval_max_seqs=2))
+    m = run_train(store, cfg, smollm2_dir, fm)
+
+    con = connect(store)
+    losses = [r[0] for r in con.sql("SELECT loss FROM train_metrics WHERE phase = 'dflash' "
+                                    "ORDER BY step").fetchall()]
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < 0.8 * losses[0], losses
+    taus = con.sql("SELECT phase, step, tau_sim, acc FROM (SELECT * FROM train_metrics UNION ALL "
+                   "SELECT * FROM classic_train_metrics) WHERE tau_sim IS NOT NULL "
+                   "ORDER BY phase, step").fetchall()
+    assert [(p, s) for p, s, _, _ in taus] == [("classic", 4), ("dflash", 12), ("dflash", 24)]
+    assert all(1.0 <= t <= cfg.block_size and len(acc) == cfg.block_size - 1
+               for _, _, t, acc in taus)
+    extra = m.extra
+    assert extra["data_mix"]["sources"]["original"]["sequences"] == 6
+    assert extra["feature_bytes_per_token"] == 4 * 576 * 2 + 8
+    best = extra["dflash"]["best"]
+    assert best["tau_sim"] == max(t for p, _, t, _ in taus if p == "dflash")
+
+    # export -> reload: the serving layout loads and reproduces the recorded held-out tau_sim
+    out = tmp_path / "export"
+    for f in m.files:
+        dest = out / f.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(store.read_bytes(f"{m.prefix}/{f.path}"))
+    hf = json.loads((out / "dflash-draft/config.json").read_text())
+    assert hf["architectures"] == ["DFlashDraftModel"] and hf["block_size"] == 8
+    assert set(hf["dflash_config"]) == {"mask_token_id", "target_layer_ids"}
+    assert not any("embed" in k or "lm_head" in k
+                   for k in load_file(out / "dflash-draft/model.safetensors"))
+    draft = DFlashDraft.load(out / "dflash-draft")
+    check_compatible(draft.config, target)
+    data = load_data(store, fm, target, cfg.selection())
+    feats = read_features(store, read_manifest(store, "features", extra["features_key"]), "eval")
+    stats = BlockStats(cfg.block_size)
+    anchors = eval_anchors(cfg, data)
+    rows_ = [feats[i] for i in range(len(data.eval))]
+    labels = [greedy_block_labels(r.ids, r.greedy, anchors[i], 8) for i, r in enumerate(rows_)]
+    batch = make_dflash_batch([r.ids for r in rows_], [r.features.float() for r in rows_],
+                              anchors, 8, draft.config.mask_token_id, cfg.gamma, labels=labels)
+    eval_dflash_batch(DFlashTrainModule(draft), target, VocabHead(target), batch, stats)
+    assert stats.result()["tau_sim"] == pytest.approx(best["tau_sim"], abs=1e-9)
+
+    # the classic draft is a plain AutoModelForCausalLM that assisted generation accepts
+    classic = AutoModelForCausalLM.from_pretrained(out / "classic-draft")
+    ids = torch.tensor([chat_ids(tok, QA[9][0])])
+    plain = target.model.generate(ids, max_new_tokens=10, do_sample=False)
+    assisted = target.model.generate(ids, max_new_tokens=10, do_sample=False,
+                                     assistant_model=classic)
+    assert torch.equal(plain, assisted)

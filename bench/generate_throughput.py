@@ -1,0 +1,86 @@
+"""Generation tokens/s of the hf backend: batch 1 against the batched backend, same prompts.
+
+    .venv/bin/python bench/generate_throughput.py [--n 64] [--max-new-tokens 64] [--threads 2]
+
+Target: the packaged SmolLM2-135M-Instruct (fp32 on CPU, bf16 on CUDA). Prompts: the same --n
+ShareGPT first turns (seeded sample of the packaged file), rendered with the chat template; both
+runs use greedy decoding, the same EOS and max_new_tokens, and the same code path
+(``dflash_models.generation.HFGenerator``); batch 1 is the batched backend with a token budget of
+one row. tokens/s counts generated tokens (EOS included, padding excluded) per second of wall
+time, after one untimed warm-up call. The issue's bar: batched >= 2.5x batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dflash_models.generation import (  # noqa: E402
+    HFGenerator,
+    SamplingParams,
+    encode_prompt,
+    plan_batches,
+    render_prompt,
+)
+from dflash_models.packaged import packaged_model_dir  # noqa: E402
+from tasks.prompts import PromptSource, load_source  # noqa: E402
+
+
+def timed(gen: HFGenerator, prompts: list[list[int]], params: SamplingParams, budget: int,
+          max_batch: int) -> tuple[float, int, list[list[int]]]:
+    """(seconds, generated tokens, outputs) of one full pass over the prompts."""
+    t0 = time.perf_counter()
+    outs = gen.generate(prompts, params, token_budget=budget, max_batch_size=max_batch)
+    elapsed = time.perf_counter() - t0
+    return elapsed, sum(len(o.token_ids) for o in outs), [o.token_ids for o in outs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=64, help="ShareGPT prompts")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--token-budget", type=int, default=16384, help="batched: padded tokens/batch")
+    ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--max-prompt-tokens", type=int, default=None,
+                    help="drop longer prompts (default: keep all)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = HFGenerator(packaged_model_dir())
+    records, _ = load_source(PromptSource(kind="sharegpt", n=args.n), seed=args.seed)
+    prompts = [encode_prompt(gen.tokenizer, render_prompt(gen.tokenizer, r.messages))
+               for r in records]
+    if args.max_prompt_tokens:
+        prompts = [p for p in prompts if len(p) <= args.max_prompt_tokens]
+    lengths = [len(p) for p in prompts]
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    batches = plan_batches(lengths, args.max_new_tokens, args.token_budget, args.max_batch_size)
+    print(f"device {gen.device}, dtype {gen.dtype}, torch threads {torch.get_num_threads()}")
+    print(f"{len(prompts)} ShareGPT prompts: tokens min {min(lengths)}, median "
+          f"{statistics.median(lengths):.0f}, max {max(lengths)}, total {sum(lengths)}; "
+          f"max_new_tokens {args.max_new_tokens}, greedy")
+    print(f"batched plan: {len(batches)} batches, sizes {[len(b) for b in batches]}")
+    gen.generate(prompts[:2], SamplingParams(max_new_tokens=4))  # warm-up, untimed
+
+    t1, n1, out1 = timed(gen, prompts, params, budget=1, max_batch=1)
+    print(f"batch 1 : {n1} tokens in {t1:.1f} s = {n1 / t1:.1f} tokens/s", flush=True)
+    tb, nb, outb = timed(gen, prompts, params, args.token_budget, args.max_batch_size)
+    print(f"batched : {nb} tokens in {tb:.1f} s = {nb / tb:.1f} tokens/s", flush=True)
+    same = sum(a == b for a, b in zip(out1, outb, strict=True))
+    ratio = (nb / tb) / (n1 / t1)
+    print(f"speed-up: {ratio:.2f}x (bar: >= 2.5x) -> {'PASS' if ratio >= 2.5 else 'FAIL'}; "
+          f"identical greedy outputs: {same}/{len(prompts)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Stage 1 generation: batching, the hf backend on the real SmolLM2, resumable shards (a real
+SIGKILL of a subprocess), row accounting, and the openai backend against a real
+``transformers serve`` on 127.0.0.1. Few prompts and few new tokens keep it fast on 2 cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from dflash_models.generation import SamplingParams, encode_prompt, plan_batches, render_prompt
+from storage import Store, read_manifest
+from storage.catalog import connect
+from storage.errors import ConfigError, StoreError
+from tasks.backends import GenRow, OpenAIBackend, OpenAIConfig, check_server, get_backend
+from tasks.generate import (
+    GenerateConfig,
+    commit_generation,
+    generate_shard,
+    layout_shards,
+    plan_generation,
+    run_generate,
+    shard_name,
+)
+from tasks.models import TargetConfig, run_prepare_target
+from tasks.prompts import PromptsConfig, PromptSource, run_prompts
+
+REPO = Path(__file__).resolve().parent.parent
+QUESTIONS = ["What is the capital of France?", "Say only the word yes.",
+             "Write a haiku about autumn.", "Name three prime numbers.",
+             "What colour is the sky?", "Count from one to five."]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """On a shared 2-core box OpenMP spin-waits make 2 threads many times slower than 1."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _prepared(store: Store, tmp_path: Path, questions: list[str], **src: object):
+    """Target + prompt manifests for a small user file (and optional extra sources)."""
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "prompt": q}) + "\n"
+                            for i, q in enumerate(questions)))
+    sources = [PromptSource(kind="file", path=str(path), name="q")]
+    if src:
+        sources.append(PromptSource(**src))
+    target = run_prepare_target(store, TargetConfig())
+    return target, run_prompts(store, PromptsConfig(sources=sources), target)
+
+
+# ----------------------------------------------------------------------------- units
+def test_plan_batches_sorts_by_length_and_respects_the_budget() -> None:
+    lengths = [5, 50, 10, 48, 7, 300]
+    batches = plan_batches(lengths, max_new_tokens=10, token_budget=200, max_batch_size=3)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    assert batches[0] == [5]  # longest first, alone: over budget but never dropped
+    for b in batches:
+        width = max(lengths[i] for i in b) + 10
+        assert len(b) == 1 or len(b) * width <= 200
+        assert len(b) <= 3
+    assert plan_batches([3, 3, 3], 1, 1) == [[0], [1], [2]]  # batch size 1
+
+
+def test_layout_keeps_dependent_turns_with_their_parent() -> None:
+    parents = [None, None, "a", None, None, "d", None]
+    shards = layout_shards(parents, shard_size=2)
+    assert [(s.start, s.end) for s in shards] == [(0, 3), (3, 6), (6, 7)]
+    assert [(s.start, s.end) for s in layout_shards([None] * 5, 2)] == [(0, 2), (2, 4), (4, 5)]
+
+
+def test_hf_backend_batched_greedy_matches_batch_one_and_honours_eos(smollm2_dir: Path) -> None:
+    backend = get_backend("hf", smollm2_dir)
+    tok = backend.tokenizer
+    ids = [encode_prompt(tok, render_prompt(tok, [{"role": "user", "content": q}]))
+           for q in QUESTIONS[:3]]
+    rows = [GenRow(str(i), [], "", p) for i, p in enumerate(ids)]
+    params = SamplingParams(max_new_tokens=8)
+    batched = backend.generate(rows, params)
+    backend.token_budget, backend.max_batch_size = 1, 1
+    try:
+        single = backend.generate(rows, params)
+        sample = SamplingParams(max_new_tokens=4, temperature=0.9, seed=7)
+        s1, s2 = backend.generate(rows[:2], sample), backend.generate(rows[:2], sample)
+        s3 = backend.generate(rows[:2], SamplingParams(max_new_tokens=4, temperature=0.9, seed=8))
+    finally:
+        backend.token_budget, backend.max_batch_size = 16384, 64
+    assert [o.token_ids for o in batched] == [o.token_ids for o in single]
+    yes = batched[1]  # "Say only the word yes." stops on EOS well before 8 tokens
+    assert yes.finish_reason == "stop" and yes.token_ids[-1] in backend.eos_ids
+    assert "yes" in yes.text.lower() and len(yes.token_ids) < 8
+    assert batched[2].finish_reason == "length" and len(batched[2].token_ids) == 8
+    assert [o.token_ids for o in s1] == [o.token_ids for o in s2]  # seeded sampling
+    assert [o.token_ids for o in s1] != [o.token_ids for o in s3]
+
+
+# ----------------------------------------------------------------------------- the stage
+def test_generate_stage_accounts_for_every_row(store_url: str, tmp_path: Path) -> None:
+    store = Store(store_url)
+    long_prompt = "hello " * 9000  # > SmolLM2's 8,192-token context: an errors row, no crash
+    target, prompts = _prepared(store, tmp_path, [QUESTIONS[0], long_prompt, QUESTIONS[1]])
+    cfg = GenerateConfig(max_new_tokens=4, shard_size=2)
+    m = run_generate(store, cfg, target, prompts)
+    assert m.rows == {"generations": 2, "generation_errors": 1}
+    assert m.extra["n_prompts"] == 3 and m.extra["n_errors"] == 1
+    assert sorted(f.path for f in m.files) == ["errors-00000.parquet", "errors-00001.parquet",
+                                              "shard-00000.parquet", "shard-00001.parquet"]
+    con = connect(store)
+    err = con.execute("SELECT prompt_id, reason FROM generation_errors").fetchall()
+    assert err[0][0] == "q:1" and "context is 8192 tokens" in err[0][1]
+    row = con.execute("SELECT * FROM generations WHERE prompt_id = 'q:0'").fetchone()
+    cols = [d[0] for d in con.execute("SELECT * FROM generations LIMIT 0").description]
+    rec = dict(zip(cols, row, strict=True))
+    assert rec["finish_reason"] == "length" and rec["n_response_tokens"] == 4
+    assert rec["n_prompt_tokens"] == len(rec["prompt_token_ids"]) > 5
+    assert rec["target"]["ref"] == "packaged:smollm2-135m-instruct"
+    assert rec["target"]["digest"] == target.extra["digest"] and rec["backend"] == "hf"
+    assert rec["temperature"] == 0 and rec["seed"] == 0 and rec["latency_s"] > 0
+    assert rec["messages"] == [{"role": "user", "content": QUESTIONS[0]}]
+    again = run_generate(store, cfg, target, prompts)
+    assert again.key == m.key and again.created_at == m.created_at  # cached: nothing reruns
+
+
+def test_mt_bench_turn_two_follows_the_targets_own_answer(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    target, prompts = _prepared(store, tmp_path, [QUESTIONS[1]], kind="mt_bench", n=1)
+    m = run_generate(store, GenerateConfig(max_new_tokens=3, shard_size=1), target, prompts)
+    assert m.rows["generations"] == 3 and len(m.files) == 4  # turns 1 and 2 share a shard
+    con = connect(store)
+    t1, t2 = con.execute("SELECT response_text, messages FROM generations WHERE source = 'mt_bench' "
+                     "ORDER BY prompt_id").fetchall()
+    assert t2[1][1] == {"role": "assistant", "content": t1[0]}
+
+
+def test_commit_refuses_missing_shards(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    target, prompts = _prepared(store, tmp_path, QUESTIONS[:2])
+    cfg = GenerateConfig(max_new_tokens=2, shard_size=1)
+    plan = plan_generation(store, cfg, target, prompts)
+    assert plan.pending() == [0, 1] and plan.committed is None
+    first = generate_shard(store, plan, 0)
+    assert first["rows"] == 1 and not first["skipped"]
+    assert generate_shard(store, plan, 0)["skipped"]  # idempotent
+    with pytest.raises(StoreError) as e:
+        commit_generation(store, plan)
+    assert "shard-00001.parquet" in str(e.value) and "\n" not in str(e.value)
+    assert read_manifest(store, "generations", plan.key) is None
+    generate_shard(store, plan, 1)
+    m = commit_generation(store, plan)
+    assert m.rows == {"generations": 2, "generation_errors": 0}
+    assert plan_generation(store, cfg, target, prompts).committed["key"] == m.key
+
+
+_KILL_SCRIPT = r"""
+import json, sys, time
+from storage import Store, read_manifest
+from tasks.generate import GenerateConfig, run_generate
+store = Store(sys.argv[1])
+target = read_manifest(store, "targets", sys.argv[2])
+prompts = read_manifest(store, "prompts", sys.argv[3])
+def slow_map(fn, shards):  # a pause after each shard gives the test time to kill mid-stage
+    for i in shards:
+        fn(i)
+        time.sleep(30)
+run_generate(store, GenerateConfig(**json.loads(sys.argv[4])), target, prompts, map_fn=slow_map)
+"""
+
+
+def test_sigkill_mid_stage_resumes_at_the_first_missing_shard(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    target, prompts = _prepared(store, tmp_path, QUESTIONS)
+    cfg = GenerateConfig(max_new_tokens=3, shard_size=2)
+    plan = plan_generation(store, cfg, target, prompts)
+    part0 = Path(store.path(f"{plan.prefix}/_parts/{shard_name(0)}.json"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, store.url, target.key,
+                             prompts.key, cfg.model_dump_json()], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not part0.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert part0.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() else "timeout"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    shard0 = Path(store.path(f"{plan.prefix}/{shard_name(0)}"))
+    mtime = shard0.stat().st_mtime_ns
+    assert read_manifest(store, "generations", plan.key) is None
+    assert plan_generation(store, cfg, target, prompts).pending() == [1, 2]
+
+    ran: list[int] = []
+    m = run_generate(store, cfg, target, prompts,
+                     map_fn=lambda fn, shards: [ran.append(i) or fn(i) for i in shards])
+    assert ran == [1, 2]  # resumed at the first missing shard; shard 0 not regenerated
+    assert shard0.stat().st_mtime_ns == mtime
+    assert m.rows == {"generations": 6, "generation_errors": 0}
+    ids = connect(store).execute("SELECT prompt_id FROM generations").fetchall()
+    assert sorted(i for (i,) in ids) == [f"q:{i}" for i in range(6)]  # none lost or duplicated
+
+
+# ----------------------------------------------------------------------------- openai
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``transformers serve`` on loopback serving the packaged SmolLM2 folder, offline."""
+    import httpx
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    exe = Path(sys.executable).parent / "transformers"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(exe), "serve", str(smollm2_dir), "--host", "127.0.0.1",
+                                 "--port", str(port), "--device", "cpu"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            pytest.fail(f"transformers serve did not start: {log.read_text()[-1500:]}")
+        yield url + "/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_openai_backend_against_transformers_serve(served: str, tmp_path: Path,
+                                                   s3_bucket: str) -> None:
+    store = Store(f"s3://{s3_bucket}/gen")
+    target, prompts = _prepared(store, tmp_path, [QUESTIONS[1], "hello " * 9000, QUESTIONS[0]])
+    cfg = GenerateConfig(backend="openai", max_new_tokens=4, shard_size=2,
+                         openai=OpenAIConfig(base_url=served, concurrency=2, max_retries=1))
+    m = run_generate(store, cfg, target, prompts)
+    assert m.rows == {"generations": 2, "generation_errors": 1}
+    con = connect(store)
+    rows = dict(con.execute("SELECT prompt_id, response_text FROM generations").fetchall())
+    assert "yes" in rows["q:0"].lower() and rows["q:2"]
+    fin = con.execute("SELECT finish_reason, n_response_tokens, backend FROM generations "
+                  "WHERE prompt_id = 'q:2'").fetchone()
+    assert fin == ("length", 4, "openai")
+    reason = con.execute("SELECT reason FROM generation_errors").fetchone()[0]
+    assert "context is 8192 tokens" in reason
+
+
+def test_openai_retries_then_errors_row_and_bad_url_fails_fast(smollm2_dir: Path,
+                                                               tmp_path: Path) -> None:
+    dead = OpenAIConfig(base_url=f"http://127.0.0.1:{_free_port()}/v1", model="m",
+                        max_retries=2, backoff_s=0.01, timeout=2)
+    backend = OpenAIBackend(dead, smollm2_dir)
+    t0 = time.perf_counter()
+    out = backend.generate([GenRow("x", [{"role": "user", "content": "hi"}], "hi", [1, 2])],
+                           SamplingParams(max_new_tokens=2))
+    assert out[0].finish_reason == "error" and "after 2 retries" in out[0].error
+    assert time.perf_counter() - t0 < 10
+    with pytest.raises(ConfigError) as e:
+        check_server(dead)
+    assert dead.base_url in str(e.value) and "\n" not in str(e.value)
+    store = Store(tmp_path / "store")
+    target, prompts = _prepared(store, tmp_path, QUESTIONS[:1])
+    with pytest.raises(ConfigError):
+        run_generate(store, GenerateConfig(backend="openai", openai=dead), target, prompts)
+    assert not store.find("generations")  # bad input commits nothing
