@@ -18,7 +18,7 @@ How it runs (docs/filtering.md has the rules and their order):
    decided on that narrow table; nothing is pulled into pandas.
 3. Each shard is streamed once more out of DuckDB as Arrow batches, cut into train/eval by the
    per-row decisions, and written with pyarrow (zstd, byte-stream-split token ids), shards in
-   parallel: DuckDB's own Parquet writer is ~10x slower on list columns, which are most bytes.
+   parallel: DuckDB's own Parquet writer is ~4x slower on list columns, which are most bytes.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 # The contract with tasks/generate.py. Integer columns may be any integer width (token ids are
-# often int32); floats any width; reference_response may be all-null.
+# often int32); floats any width; reference_response may be all-null; target may be the
+# {ref, digest} struct that tasks/generate.py writes (see _canonical).
 GENERATIONS_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("messages", pa.list_(MESSAGE)),
     ("prompt_token_ids", pa.list_(pa.int64())), ("response_token_ids", pa.list_(pa.int64())),
