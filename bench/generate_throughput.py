@@ -40,6 +40,23 @@ def timed(gen: HFGenerator, prompts: list[list[int]], params: SamplingParams, bu
     return elapsed, sum(len(o.token_ids) for o in outs), [o.token_ids for o in outs]
 
 
+def pick_prompts(tokenizer: object, records: list, n: int, seed: int,
+                 max_tokens: int | None) -> list[list[int]]:
+    """n rendered prompts in the prompt stage's seeded hash order, optionally among those of at
+    most ``max_tokens`` tokens (still n prompts: the cap changes which, not how many)."""
+    import hashlib
+
+    order = sorted(records, key=lambda r: hashlib.sha256(f"{seed}:{r.group}".encode()).digest())
+    out: list[list[int]] = []
+    for r in order:
+        ids = encode_prompt(tokenizer, render_prompt(tokenizer, r.messages))
+        if max_tokens is None or len(ids) <= max_tokens:
+            out.append(ids)
+        if len(out) == n:
+            break
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=64, help="ShareGPT prompts")
@@ -47,7 +64,7 @@ def main() -> None:
     ap.add_argument("--token-budget", type=int, default=16384, help="batched: padded tokens/batch")
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--max-prompt-tokens", type=int, default=None,
-                    help="drop longer prompts (default: keep all)")
+                    help="sample the n prompts among those this short (default: any length)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -57,11 +74,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = HFGenerator(packaged_model_dir())
-    records, _ = load_source(PromptSource(kind="sharegpt", n=args.n), seed=args.seed)
-    prompts = [encode_prompt(gen.tokenizer, render_prompt(gen.tokenizer, r.messages))
-               for r in records]
-    if args.max_prompt_tokens:
-        prompts = [p for p in prompts if len(p) <= args.max_prompt_tokens]
+    records, _ = load_source(PromptSource(kind="sharegpt"), seed=args.seed)
+    prompts = pick_prompts(gen.tokenizer, records, args.n, args.seed, args.max_prompt_tokens)
     lengths = [len(p) for p in prompts]
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     batches = plan_batches(lengths, args.max_new_tokens, args.token_budget, args.max_batch_size)

@@ -51,6 +51,7 @@ __all__ = [
     "generate_classic",
     "generate_dflash",
     "margin_top2",
+    "new_cache",
 ]
 
 
@@ -319,7 +320,8 @@ def generate_dflash(
     block_ids = torch.full((1, block_size), draft.config.mask_token_id, device=target.device)
     while not out.done:
         ts = time.perf_counter()
-        # Never draft past the budget: b - 1 drafts + 1 bonus = b tokens at most.
+        # 2. Draft pass over the uncached context + [anchor, masks]. Never draft past the
+        # budget: b - 1 drafts + 1 bonus = b tokens at most.
         b = min(block_size, out.remaining)
         drafts: list[int] = []
         if b > 1:

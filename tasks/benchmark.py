@@ -311,7 +311,8 @@ def _execute(store: Store, cfg: BenchConfig, tgt: TargetSource, drafts: dict[str
         if got:
             prompts[ds] = got
         else:
-            notes.append(f"{ds}: no prompts (no eval manifest given); skipped")
+            notes.append(f"{ds}: no prompts (no filter manifest given, or its eval split is "
+                         "empty); skipped")
     if not prompts:
         raise DflashError("bench: no dataset has prompts; check the config's datasets")
     for n in notes:

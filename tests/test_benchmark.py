@@ -56,7 +56,7 @@ def full_run(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path,
              drafts: dict[str, Path]) -> tuple[Store, dict[str, Any]]:
     store = Store(str(tmp_path_factory.mktemp("bench") / "store"))
     cfg = BenchConfig(datasets=["mt_bench"], n_prompts=2, max_new_tokens=16, block_sizes=[4, 8],
-                      warmup_prompts=1, warmup_new_tokens=4)
+                      warmup_prompts=1, warmup_new_tokens=4, classic_k=2)
     res = run_benchmark(store, cfg, smollm2_dir, draft_folder=drafts["dflash"],
                         classic_folder=drafts["classic"])
     return store, res
