@@ -78,10 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, nargs="+", default=[0.0])
     ap.add_argument("--threads", type=int, help="torch threads (1 is steadier on a busy machine)")
     args = ap.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     for noisy in ("httpx", "filelock", "botocore", "s3fs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -104,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                       max_new_tokens=args.max_new_tokens, block_sizes=args.blocks,
                       repeats=args.repeats, classic_k=args.classic_k,
                       prompt_lookup_num_tokens=args.prompt_lookup, temperatures=args.temperature,
-                      rerun=True)
+                      threads=args.threads, rerun=True)
     res = run_benchmark(store, cfg, target, train_manifest=train, draft_folder=draft,
                         classic_folder=classic, rerun=True, target_ref=args.target)
 
@@ -119,10 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                       _fmt(r["verify_pass_s"], 4), _fmt(r["draft_pass_s"], 4),
                       _fmt(r["ttft_p50"], 3)])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
-    import torch
-
+    threads = args.threads or "default"
     print(f"\n{res['hardware_tag']}, target {args.target}, {cfg.n_prompts} prompts x "
-          f"{cfg.max_new_tokens} new tokens, batch 1, {torch.get_num_threads()} torch threads, "
+          f"{cfg.max_new_tokens} new tokens, batch 1, torch threads: {threads}, "
           f"run {res['run_id']}")
     for row in lines:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))

@@ -1,6 +1,7 @@
 """Training tokens/s of the DFlash draft with online vs cached target features.
 
-    .venv/bin/python bench/train_throughput.py [--steps 12] [--threads 2] [--store DIR]
+    .venv/bin/python bench/train_throughput.py [--steps 12] [--threads 2] [--draft-vocab 8192]
+        [--store DIR] [--force]
 
 Data: ShareGPT first turns with their original answers (the packaged prompt set, no
 generation needed), written as a filter-stage output. Both runs train the same draft on the
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=96, help="ShareGPT rows for training")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--draft-vocab", type=int, default=None, help="also time a reduced head")
+    ap.add_argument("--force", action="store_true", help="re-measure cached train outputs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from dflash_models.packaged import packaged_model_dir
@@ -56,7 +58,7 @@ def main() -> None:
     results = {}
     for name, cfg in variants:
         t0 = time.perf_counter()
-        m = run_train(store, cfg, target_dir, fm)
+        m = run_train(store, cfg, target_dir, fm, force=args.force)
         wall = time.perf_counter() - t0
         d = m.extra["dflash"]
         results[name] = {"tokens_per_s": round(d["tokens_per_s"], 1),

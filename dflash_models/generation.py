@@ -76,22 +76,24 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
 
 # ----------------------------------------------------------------------------- batching
 def plan_batches(lengths: Sequence[int], max_new_tokens: int, token_budget: int,
-                 max_batch_size: int = 64, pad_frac: float = 0.25,
-                 pad_slack: int = 64) -> list[list[int]]:
+                 max_batch_size: int = 64, pad_frac: float = 0.25, pad_slack: int = 64,
+                 solo_tokens: int = 1024) -> list[list[int]]:
     """Group prompt indices into batches, longest first.
 
     A batch is padded to its longest prompt plus ``max_new_tokens``; it takes rows while
     ``rows * (longest + max_new_tokens) <= token_budget`` (at least one row, so a single prompt
     over the budget still runs alone) and while a row's padding stays under
     ``max(pad_slack, pad_frac * longest)`` tokens: one 2,000-token prompt must not make seven
-    short ones pay for a 2,000-token prefill. Longest first surfaces out-of-memory at once.
+    short ones pay for a 2,000-token prefill. Prompts over ``solo_tokens`` run alone: measured
+    on CPU, masked (padded) attention over such long contexts costs more than batching saves.
+    Longest first surfaces out-of-memory at once.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
     longest = 0
     for i in order:
-        fits = bool(current) and len(current) < max_batch_size \
+        fits = bool(current) and len(current) < max_batch_size and longest <= solo_tokens \
             and (len(current) + 1) * (longest + max_new_tokens) <= token_budget \
             and longest - lengths[i] <= max(pad_slack, pad_frac * longest)
         if fits:

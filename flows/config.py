@@ -11,14 +11,14 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from storage.errors import ConfigError
 from tasks.benchmark import BenchConfig
 from tasks.filter import FilterConfig
 from tasks.generate import GenerateConfig
 from tasks.models import TargetConfig
 from tasks.prompts import PromptsConfig
 from tasks.train import TrainConfig
-
-from storage.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"

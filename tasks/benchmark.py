@@ -74,6 +74,8 @@ class BenchConfig(BaseModel):
         "None: 0.01 in float32, 0.5 in 16-bit dtypes")
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     device: str | None = None
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's "
+                                "default. 1 is steadier on a machine shared with other jobs")
     rerun: bool = False
     seed: int = 0
 
@@ -292,10 +294,25 @@ def _execute(store: Store, cfg: BenchConfig, tgt: TargetSource, drafts: dict[str
              eval_manifest: Manifest | None, info: dict[str, Any], dtype: str) -> dict[str, Any]:
     import torch
 
+    notes: list[str] = []
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _measure(store, cfg, tgt, drafts, eval_manifest, info, dtype, notes)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(store: Store, cfg: BenchConfig, tgt: TargetSource, drafts: dict[str, DraftSource],
+             eval_manifest: Manifest | None, info: dict[str, Any], dtype: str, notes: list[str]
+             ) -> dict[str, Any]:
+    import torch
+
     from dflash_models.engine import default_stop_token_ids
     from dflash_models.target import load_target
 
-    notes: list[str] = []
+    info = {**info, "threads": torch.get_num_threads()}  # recorded on every summary row
     target = tgt.loaded or load_target(tgt.local(), dtype=getattr(torch, dtype), device=cfg.device)
     dflash = bm.load_dflash(drafts["dflash"].local(), target) \
         if "dflash" in drafts and "dflash" in cfg.methods else None

@@ -26,18 +26,35 @@ pytestmark = pytest.mark.slow
 CHEAP = dict(datasets=["mt_bench"], n_prompts=1, max_new_tokens=4, warmup_prompts=0)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Any:
+    """torch on 1 thread: on a shared 2-core machine, 2 OpenMP threads spin against other jobs
+    and a 25 s run can take 10 minutes; 1 thread keeps these tests' runtime predictable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def drafts(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> dict[str, Path]:
+def target(smollm2_dir: Path) -> Any:
+    """One loaded SmolLM2 for the cheap runs (run_benchmark accepts a loaded Target)."""
+    from dflash_models.target import load_target
+
+    return load_target(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def drafts(tmp_path_factory: pytest.TempPathFactory, target: Any) -> dict[str, Path]:
     """Random drafts exported through the real APIs: DFlash (block 4), classic, and a DFlash
     draft built for a different (tiny) target."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dflash_models.classic import build_classic_draft
     from dflash_models.draft import DFlashDraft, DFlashDraftConfig
-    from dflash_models.target import Target, load_target
+    from dflash_models.target import Target
 
     root = tmp_path_factory.mktemp("drafts")
-    target = load_target(smollm2_dir)
     torch.manual_seed(0)
     DFlashDraft(DFlashDraftConfig.from_target(target, num_layers=1, block_size=4)).export(
         root / "dflash")
@@ -123,7 +140,7 @@ def _files(store: Store) -> dict[str, str]:
     return {p: hashlib.sha256(store.read_bytes(p)).hexdigest() for p in store.find("benchmarks")}
 
 
-def test_skip_rerun_and_append_only(tmp_path: Path, smollm2_dir: Path,
+def test_skip_rerun_and_append_only(tmp_path: Path, smollm2_dir: Path, target: Any,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     store = Store(str(tmp_path / "store"))
     cfg = BenchConfig(methods=["ar"], **CHEAP)
@@ -131,28 +148,28 @@ def test_skip_rerun_and_append_only(tmp_path: Path, smollm2_dir: Path,
     before = _files(store)
     assert len(before) == 2 and not first["skipped"]
 
-    again = run_benchmark(store, cfg, smollm2_dir)  # same draft, config and hardware
+    again = run_benchmark(store, cfg, target)  # same draft, config, model and hardware
     assert again["skipped"] and again["run_id"] == first["run_id"]
     assert _files(store) == before
 
-    rerun = run_benchmark(store, cfg, smollm2_dir, rerun=True)  # scheduled runs always append
+    rerun = run_benchmark(store, cfg, target, rerun=True)  # scheduled runs always append
     after = _files(store)
     assert not rerun["skipped"] and rerun["run_id"] != first["run_id"]
     assert len(after) == 4 and all(after[p] == h for p, h in before.items())  # never rewritten
 
     monkeypatch.setattr(bench, "hardware_fingerprint", lambda info=None: "another-gpu-class")
-    other = run_benchmark(store, cfg, smollm2_dir)  # same draft on new hardware: new rows
+    other = run_benchmark(store, cfg, target)  # same draft on new hardware: new rows
     assert not other["skipped"] and len(_files(store)) == 6
     con = connect(store)
     assert con.execute("SELECT count(DISTINCT run_id) FROM benchmarks").fetchone()[0] == 3
 
 
-def test_s3_views_and_sampling_rows(s3_bucket: str, smollm2_dir: Path,
+def test_s3_views_and_sampling_rows(s3_bucket: str, target: Any,
                                     drafts: dict[str, Path]) -> None:
     store = Store(f"s3://{s3_bucket}/prefix")
     cfg = BenchConfig(methods=["ar", "dflash"], temperatures=[0.0, 0.7],
                       **{**CHEAP, "max_new_tokens": 6})
-    res = run_benchmark(store, cfg, smollm2_dir, draft_folder=drafts["dflash"])
+    res = run_benchmark(store, cfg, target, draft_folder=drafts["dflash"])
     con = connect(store)
     rows = con.execute("SELECT method, temperature, block_size, exact_match_rate, speedup, tau "
                        "FROM benchmarks ORDER BY temperature, method").fetchall()

@@ -72,6 +72,7 @@ def test_plan_batches_sorts_by_length_and_respects_the_budget() -> None:
         assert len(b) == 1 or len(b) * width <= 200
         assert len(b) <= 3
     assert plan_batches([3, 3, 3], 1, 1) == [[0], [1], [2]]  # batch size 1
+    assert plan_batches([2000, 1990, 40, 30], 8, 10**6) == [[0], [1], [2, 3]]  # long: alone
 
 
 def test_layout_keeps_dependent_turns_with_their_parent() -> None:
