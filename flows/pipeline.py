@@ -300,7 +300,7 @@ def run_from_cli(command: str, args: argparse.Namespace) -> None:
 
         cfg, store = resolve(options)
         bench_any_draft(store, BenchConfig(**cfg.benchmark.model_dump()), args.draft,
-                        args.target or cfg.target.ref)
+                        args.target or cfg.target.ref, rerun=options.rerun)
         return
     if command == "report":
         from reports.report import build_report
