@@ -90,17 +90,18 @@ def bytes_per_token(num_feature_layers: int, hidden_size: int, dtype: str) -> in
 class FeatureRow:
     ids: Tensor  # int64 [S]
     features: Tensor  # [S, n*H]
-    greedy: Tensor  # int64 [S], -1 at 0
+    greedy: Tensor | None  # int64 [S], -1 at 0; None where nothing needs it (online training)
 
 
 @torch.no_grad()
 def target_pass(target: Any, seqs: Sequence[Tensor], layer_ids: Sequence[int],
-                dtype: torch.dtype | None = None) -> list[FeatureRow]:
-    """Features and greedy next tokens of right-padded sequences in one batched forward.
+                dtype: torch.dtype | None = None, greedy: bool = True) -> list[FeatureRow]:
+    """Features (and greedy next tokens) of right-padded sequences in one batched forward.
 
     Right padding keeps every real position's causal context identical to an unpadded pass
     (pads come after it and are masked), so the result per sequence does not depend on the
-    batch it rode in, up to float rounding.
+    batch it rode in, up to float rounding. ``greedy=False`` skips the LM head: training
+    batches never read the greedy tokens, only tau_sim's held-out rows do.
     """
     lengths = [int(s.shape[0]) for s in seqs]
     L = max(lengths)
@@ -109,14 +110,15 @@ def target_pass(target: Any, seqs: Sequence[Tensor], layer_ids: Sequence[int],
     for i, s in enumerate(seqs):
         ids[i, : lengths[i]] = s
         attn[i, : lengths[i]] = 1
-    out = target.forward(ids.to(target.device), layer_ids=list(layer_ids),
-                         attention_mask=attn.to(target.device))
-    feats = out.features if dtype is None else out.features.to(dtype)
-    nxt = out.logits.argmax(-1)  # [Bt, L]: prediction for position p + 1
+    last, feats = target.hidden(ids.to(target.device), attn.to(target.device), list(layer_ids))
+    feats = feats if dtype is None else feats.to(dtype)
+    # argmax is unchanged by soft-capping and scaling, but lm_head applies them anyway
+    nxt = target.lm_head(last).argmax(-1) if greedy else None  # [Bt, L]: token at p + 1
     rows = []
     for i, n in enumerate(lengths):
-        greedy = torch.cat([torch.full((1,), -1, dtype=torch.long), nxt[i, : n - 1].cpu()])
-        rows.append(FeatureRow(seqs[i].cpu(), feats[i, :n], greedy))
+        g = None if nxt is None else torch.cat(
+            [torch.full((1,), -1, dtype=torch.long), nxt[i, : n - 1].cpu()])
+        rows.append(FeatureRow(seqs[i].cpu(), feats[i, :n], g))
     return rows
 
 
@@ -129,7 +131,8 @@ class OnlineFeatures:
         self.target, self.layer_ids, self.examples = target, list(layer_ids), examples
 
     def get(self, indices: Sequence[int]) -> list[FeatureRow]:
-        return target_pass(self.target, [self.examples[i].ids for i in indices], self.layer_ids)
+        return target_pass(self.target, [self.examples[i].ids for i in indices], self.layer_ids,
+                           greedy=False)
 
 
 class CachedFeatures:

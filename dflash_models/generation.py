@@ -124,7 +124,7 @@ class GenOutput:
 
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" | "length" | "error"
+    finish_reason: str  # "stop" | "length" | "error" | "reference" (an original: not generated)
     latency_s: float
     error: str | None = None
 

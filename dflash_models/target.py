@@ -218,6 +218,25 @@ class Target:
 
     __call__ = forward
 
+    def hidden(self, ids: Tensor, attention_mask: Tensor | None = None,
+               layer_ids: list[int] | None = None) -> tuple[Tensor, Tensor | None]:
+        """(final-normed last hidden [B, S, H], features of `layer_ids` or None): a training pass.
+
+        Unlike `forward` it skips the LM head over every position and the KV cache: for feature
+        extraction the head is ~20% of a small target's FLOPs and its float logits dominate
+        memory. Apply `lm_head` to the positions that need logits.
+        """
+        out = self.model.get_decoder()(
+            input_ids=ids.to(self.device),
+            attention_mask=attention_mask,
+            use_cache=False,
+            output_hidden_states=layer_ids is not None,
+        )
+        features = None
+        if layer_ids is not None:
+            features = torch.cat([out.hidden_states[j + 1] for j in layer_ids], dim=-1)
+        return out.last_hidden_state, features
+
 
 def load_target(
     folder: str | Path, dtype: torch.dtype | None = None, device: str | None = None

@@ -52,6 +52,10 @@ _COLLAPSE = f"[{_WS}]*[{_OTHER_WS}][{_WS}]*| {{2,}}"
 _NEEDS_COLLAPSE = f"[{_OTHER_WS}]|  "
 
 
+# An ``originals`` row (tasks/prompts.py): not generated; training uses its reference_response.
+ORIGINAL = "coalesce(finish_reason = 'reference', false)"
+
+
 def sql_lit(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
@@ -102,12 +106,16 @@ def build_rules(cfg: FilterConfig) -> list[Rule]:
                           "finish_reason = 'length': truncated at the token limit",
                           ("finish_reason",)))
     if cfg.drop_empty:
+        text = sql_lit(f'[^{_WS}]')
         rules.append(Rule(
             "empty_response",
-            f"coalesce(n_response_tokens, 0) = 0 OR response_text IS NULL "
-            f"OR NOT regexp_matches(response_text, {sql_lit(f'[^{_WS}]')})",
-            "no response tokens, or a response text that is empty or all whitespace",
-            ("n_response_tokens", "response_text")))
+            f"CASE WHEN {ORIGINAL} THEN reference_response IS NULL "
+            f"OR NOT regexp_matches(reference_response, {text}) "
+            f"ELSE coalesce(n_response_tokens, 0) = 0 OR response_text IS NULL "
+            f"OR NOT regexp_matches(response_text, {text}) END",
+            "no response tokens, or a response text that is empty or all whitespace (an "
+            "original: an empty reference_response)",
+            ("n_response_tokens", "response_text", "finish_reason", "reference_response")))
     for what, lo, hi in (("prompt", cfg.min_prompt_tokens, cfg.max_prompt_tokens),
                          ("response", cfg.min_response_tokens, cfg.max_response_tokens)):
         col = f"n_{what}_tokens"
@@ -118,8 +126,12 @@ def build_rules(cfg: FilterConfig) -> list[Rule]:
             conds.append(f"coalesce({col}, 0) > {int(hi)}")
         if conds:
             bounds = f"[{lo or 0}, {hi if hi is not None else 'inf'}]"
-            rules.append(Rule(f"{what}_tokens", " OR ".join(conds),
-                              f"{col} outside {bounds}", (col,)))
+            drops = " OR ".join(conds)
+            if what == "response":  # an original has no generated response to count
+                drops = f"NOT {ORIGINAL} AND ({drops})"
+            rules.append(Rule(f"{what}_tokens", drops, f"{col} outside {bounds}"
+                              + (" (originals exempt)" if what == "response" else ""),
+                              (col, "finish_reason")))
     if cfg.max_repeated_ngram_share is not None:
         rules.append(Rule(
             "degenerate_ngram", f"ngram_repeated_share > {float(cfg.max_repeated_ngram_share)!r}",
@@ -286,6 +298,7 @@ WITH src AS (  -- the shards in place; DuckDB reads only the columns used below
 SELECT file::INTEGER AS file, row_no::BIGINT AS row_no, prompt_id,
        (coalesce(n_prompt_tokens, 0) + coalesce(n_response_tokens, 0))::BIGINT AS tokens,
        hash(prompt_norm) AS prompt_hash,
+       {ORIGINAL} AS original,
        {match} AS match_hashes,
        {removed_by}::INTEGER AS removed_by
 FROM derived
@@ -309,13 +322,14 @@ WHERE per_row.file = m.file AND per_row.row_no = m.row_no
 
 
 def dedupe_sql(step: int) -> str:
-    """Of the rows every rule kept, keep the first (by prompt_id, then shard and row) of each
-    normalised prompt; the others are removed by this, the last step."""
+    """Of the rows every rule kept, keep the first (a generated row before an original, then by
+    prompt_id, shard and row) of each normalised prompt; the others are removed by this, the
+    last step."""
     return f"""-- dedupe: all but the first copy of each normalised prompt text
 UPDATE per_row SET removed_by = {step} FROM (
     SELECT file, row_no FROM (
         SELECT file, row_no, row_number() OVER (
-            PARTITION BY prompt_hash ORDER BY prompt_id, file, row_no) AS copy_no
+            PARTITION BY prompt_hash ORDER BY original, prompt_id, file, row_no) AS copy_no
         FROM per_row WHERE removed_by = 0)
     WHERE copy_no > 1) AS dup
 WHERE per_row.file = dup.file AND per_row.row_no = dup.row_no"""
@@ -323,10 +337,12 @@ WHERE per_row.file = dup.file AND per_row.row_no = dup.row_no"""
 
 def split_sql(split_seed: int, threshold: int) -> str:
     """Eval when the first 60 bits of md5("seed:prompt_id") are below ``threshold`` (see
-    tasks.filter.is_eval_prompt): reproducible outside DuckDB, stable across versions."""
+    tasks.filter.is_eval_prompt): reproducible outside DuckDB, stable across versions.
+    Originals always train: the eval split measures the target's own answers."""
     return (f"-- split: by prompt_id only, so all samples of a prompt land on one side\n"
             f"SELECT file, row_no, ('0x' || md5({sql_lit(f'{split_seed}:')} || prompt_id)[1:15])"
-            f"::UBIGINT < {int(threshold)} AS is_eval\nFROM per_row WHERE removed_by = 0")
+            f"::UBIGINT < {int(threshold)} AND NOT original AS is_eval\n"
+            f"FROM per_row WHERE removed_by = 0")
 
 
 def _first_line(e: BaseException) -> str:

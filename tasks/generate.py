@@ -11,6 +11,12 @@ The API is shaped for a Prefect map over shards::
 ``generation_errors``); a shard counts as done once its shard file is recorded, so a run killed
 with SIGKILL resumes at the first missing shard and never regenerates, duplicates or loses one.
 Every prompt ends in exactly one of the two tables, and the commit checks it.
+
+An ``originals`` prompt (``regenerate = false``, see tasks/prompts.py) is not sent to the target:
+its row carries the rendered prompt's token ids, an empty response and ``finish_reason =
+'reference'``, and training uses its ``reference_response``. Such rows sit after the regenerated
+ones in the prompt table and fill shards of their own, ``ORIGINALS_SHARD_FACTOR`` times larger,
+that load only the tokenizer.
 """
 
 from __future__ import annotations
@@ -101,6 +107,9 @@ class GenerationPlan(BaseModel):
         return [s.index for s in self.shards if s.index not in done]
 
 
+ORIGINALS_SHARD_FACTOR = 16  # an originals-only shard only tokenises its prompts
+
+
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.parquet"
 
@@ -144,8 +153,9 @@ def plan_generation(store: Store, cfg: GenerateConfig, target_m: Manifest, promp
     if force and read_manifest(store, STAGE, key) is not None:
         store.rm(f"{STAGE}/{key}", recursive=True)
     files = [f"{prompts_m.prefix}/{f.path}" for f in prompts_m.files_for("prompts")]
-    parents = _read_prompts(store, tuple(files), ("parent_prompt_id",))["parent_prompt_id"]
-    shards = layout_shards(parents.to_pylist(), cfg.shard_size)
+    table = _read_prompts(store, tuple(files), ("parent_prompt_id", "regenerate"))
+    parents = table["parent_prompt_id"]
+    shards = layout_shards(parents.to_pylist(), cfg.shard_size, table["regenerate"].to_pylist())
     prefix = f"{STAGE}/{key}"
     committed = read_manifest(store, STAGE, key)
     done = [s.index for s in shards if committed is not None
@@ -159,11 +169,19 @@ def plan_generation(store: Store, cfg: GenerateConfig, target_m: Manifest, promp
         done=done, committed=committed.ref(store) if committed is not None else None)
 
 
-def layout_shards(parents: list[str | None], shard_size: int) -> list[ShardSpec]:
-    """Row ranges of ``shard_size`` rows; a dependent turn never leaves its parent's shard."""
+def layout_shards(parents: list[str | None], shard_size: int,
+                  regenerate: list[bool] | None = None) -> list[ShardSpec]:
+    """Row ranges of ``shard_size`` rows; a dependent turn never leaves its parent's shard.
+
+    Originals (``regenerate`` False) start a new shard and fill shards ``ORIGINALS_SHARD_FACTOR``
+    times larger: they cost a tokenisation, not a generation.
+    """
+    regenerate = regenerate or [True] * len(parents)
     shards, start = [], 0
     for i, parent in enumerate(parents):
-        if i - start >= shard_size and parent is None:
+        size = shard_size if regenerate[start] else shard_size * ORIGINALS_SHARD_FACTOR
+        boundary = regenerate[i] != regenerate[start]
+        if (i - start >= size or boundary) and parent is None:
             shards.append(ShardSpec(index=len(shards), start=start, end=i))
             start = i
     if start < len(parents):
@@ -206,10 +224,11 @@ def generate_shard(store: Store, plan: GenerationPlan, shard_index: int,
     if plan.committed or rec is not None or read_manifest(store, STAGE, plan.key) is not None:
         return {"shard": spec.index, "skipped": True, "rows": rec.rows if rec else None}
     cols = ("prompt_id", "source", "messages", "prompt_text", "reference_response",
-            "parent_prompt_id")
+            "parent_prompt_id", "regenerate")
     rows = _read_prompts(store, tuple(plan.prompts_files), cols).slice(
         spec.start, spec.end - spec.start).to_pylist()
-    backend = _backend(store, plan)
+    backend = _backend(store, plan) if any(r["regenerate"] for r in rows) else \
+        _TokenizerOnly(store, plan)
     if progress is None:  # a worker of someone else's map: its own bar/artifact per shard
         with Progress(f"generate shard {spec.index}", total=len(rows), unit="rows") as own:
             results = _answer(backend, rows, plan, spec.index, own)
@@ -245,6 +264,22 @@ def _backend(store: Store, plan: GenerationPlan) -> Any:
                        max_batch_size=cfg.max_batch_size, openai=cfg.openai)
 
 
+class _TokenizerOnly:
+    """What a shard of originals needs from a backend: the target's tokenizer, no model."""
+
+    def __init__(self, store: Store, plan: GenerationPlan) -> None:
+        from transformers import AutoTokenizer
+
+        from tasks.models import target_folder
+
+        target_m = read_manifest(store, "targets", plan.target_key)
+        if target_m is None:
+            raise StoreError(f"store {store.url}: target targets/{plan.target_key} vanished; "
+                             "rerun the pipeline")
+        self.name = plan.config.backend
+        self.tokenizer = AutoTokenizer.from_pretrained(str(target_folder(target_m, store)))
+
+
 def _answer(backend: Any, rows: list[dict[str, Any]], plan: GenerationPlan, shard: int,
             progress: Progress) -> dict[str, tuple[list[dict[str, str]], list[int], GenOutput]]:
     """Answer first turns, then turns that follow the target's own earlier answer."""
@@ -252,7 +287,13 @@ def _answer(backend: Any, rows: list[dict[str, Any]], plan: GenerationPlan, shar
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                             seed=cfg.seed * 100_003 + shard)
     done: dict[str, tuple[list[dict[str, str]], list[int], GenOutput]] = {}
-    pending = list(rows)
+    for r in rows:  # originals: the rendered prompt's ids, no generation
+        if not r["regenerate"]:
+            ids = encode_prompt(backend.tokenizer, r["prompt_text"])
+            done[r["prompt_id"]] = ([dict(m) for m in r["messages"]], ids,
+                                    GenOutput([], "", "reference", 0.0))
+            progress.advance(1)
+    pending = [r for r in rows if r["regenerate"]]
     while pending:
         ready = [r for r in pending if r["parent_prompt_id"] is None
                  or r["parent_prompt_id"] in done]

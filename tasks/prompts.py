@@ -9,6 +9,7 @@ answered as MT-Bench does it, after the target's OWN turn-1 answer: its row has 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -34,6 +35,7 @@ PROMPTS_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("source", pa.string()), ("messages", MESSAGES_TYPE),
     ("prompt_text", pa.string()), ("reference_response", pa.string()),
     ("n_prompt_tokens", pa.int32()), ("parent_prompt_id", pa.string()),
+    ("regenerate", pa.bool_()),
 ])
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
                    "bing": "assistant", "bard": "assistant", "assistant": "assistant"}
@@ -49,6 +51,10 @@ class PromptSource(BaseModel):
     name: str | None = Field(None, description="prompt_id prefix; default: kind")
     skip_invalid: bool = Field(False, description="kind=file: skip (and count) bad lines/rows "
                                "instead of failing")
+    originals: int = Field(0, ge=0, description="further prompts, sampled after the n regenerated "
+                           "ones, that are NOT regenerated: their original answer "
+                           "(reference_response) trains the draft through one prefill pass, "
+                           "about 10x cheaper per token than generating (docs/data.md)")
 
     @model_validator(mode="after")
     def _check(self) -> PromptSource:
@@ -58,6 +64,12 @@ class PromptSource(BaseModel):
             raise ValueError(f"a {self.kind} source is packaged and takes no path")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise ValueError("name may only hold letters, digits, '_', '.' and '-'")
+        if self.originals and self.kind not in ("sharegpt", "file"):
+            raise ValueError(f"originals: a {self.kind} source has no original answers to train "
+                             "on; use it with sharegpt or a file with reference_response")
+        if self.originals and self.n is None:
+            raise ValueError("originals needs n: the originals are sampled after the n "
+                             "regenerated prompts")
         return self
 
     @property
@@ -73,6 +85,9 @@ class PromptsConfig(BaseModel):
         default_factory=lambda: [PromptSource(kind="sharegpt", n=256)])
     seed: int = 0
     path: str | None = Field(None, description="a prompt file/folder replacing `sources`")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="drop (and count) rendered "
+                                          "prompts longer than this before anything is "
+                                          "generated: a 5,000-token prompt costs a batch")
 
     @model_validator(mode="after")
     def _unique_labels(self) -> PromptsConfig:
@@ -94,6 +109,7 @@ class PromptRecord:
     reference_response: str | None = None
     parent_prompt_id: str | None = None
     group: str = ""  # sampling unit: turns of one conversation are sampled together
+    regenerate: bool = True  # False: an `originals` row, trained on its reference_response only
 
     def __post_init__(self) -> None:
         self.group = self.group or self.parent_prompt_id or self.prompt_id
@@ -127,13 +143,23 @@ def packaged_path(kind: str) -> Path:
     return path
 
 
-def sample_groups(records: list[PromptRecord], n: int | None, seed: int) -> list[PromptRecord]:
-    """The records of n groups picked by seeded hash order, kept in their source order."""
+def sample_groups(records: list[PromptRecord], n: int | None, seed: int,
+                  originals: int = 0) -> list[PromptRecord]:
+    """The records of n groups picked by seeded hash order, kept in their source order.
+
+    ``originals`` more groups, next in the same order (so never one of the n), come back marked
+    ``regenerate=False``; only those with a non-empty reference_response are kept.
+    """
     groups = list(dict.fromkeys(r.group for r in records))
     if n is None or n >= len(groups):
         return records
-    picked = set(sorted(groups, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).digest())[:n])
-    return [r for r in records if r.group in picked]
+    order = sorted(groups, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).digest())
+    picked, extra = set(order[:n]), set(order[n: n + originals])
+    out = [r for r in records if r.group in picked]
+    for r in records:
+        if r.group in extra and (r.reference_response or "").strip():
+            out.append(dataclasses.replace(r, regenerate=False))
+    return out
 
 
 def dedupe(records: list[PromptRecord]) -> tuple[list[PromptRecord], int]:
@@ -406,8 +432,9 @@ def load_source(src: PromptSource, seed: int) -> tuple[list[PromptRecord], dict[
         records, stats = _LOADERS[src.kind](src.label)
     records, dropped = dedupe(records)
     stats = {**stats, "duplicates_dropped": dropped, "available": len(records)}
-    records = sample_groups(records, src.n, seed)
-    stats["selected"] = len(records)
+    records = sample_groups(records, src.n, seed, src.originals)
+    stats["selected"] = sum(r.regenerate for r in records)
+    stats["originals"] = sum(not r.regenerate for r in records)
     return records, stats
 
 
@@ -436,7 +463,8 @@ def run_prompts(store: Store, cfg: PromptsConfig, target_manifest: Manifest,
     """Build and commit the ``prompts`` table for this target (rendered with its template)."""
     checked = validate_prompts(cfg)
     key_cfg = {"sources": [s.model_dump(mode="json") for s in cfg.effective_sources()],
-               "seed": cfg.seed, "files": checked["files"]}
+               "seed": cfg.seed, "files": checked["files"],
+               "max_prompt_tokens": cfg.max_prompt_tokens}
 
     def build(out: StageOutput) -> Manifest:
         records: list[PromptRecord] = []
@@ -444,7 +472,11 @@ def run_prompts(store: Store, cfg: PromptsConfig, target_manifest: Manifest,
         for src in cfg.effective_sources():
             got, stats[src.label] = load_source(src, cfg.seed)
             records.extend(got)
+        # regenerated rows first: generation shards then hold either work or originals only
+        records.sort(key=lambda r: not r.regenerate)
         table, templated = render_table(records, store, target_manifest)
+        if cfg.max_prompt_tokens is not None:
+            table, stats["too_long"] = drop_long(table, cfg.max_prompt_tokens)
         out.write_parquet("prompts.parquet", table, table_name="prompts", schema=PROMPTS_SCHEMA)
         dups = sum(int(s.get("duplicates_dropped", 0)) for s in stats.values())
         return out.commit(extra={"sources": stats, "n_prompts": table.num_rows,
@@ -473,8 +505,26 @@ def render_table(records: list[PromptRecord], store: Store,
         "reference_response": [r.reference_response for r in records],
         "n_prompt_tokens": lengths,
         "parent_prompt_id": [r.parent_prompt_id for r in records],
+        "regenerate": [r.regenerate for r in records],
     }, schema=PROMPTS_SCHEMA)
     return table, has_chat_template(tokenizer)
+
+
+def drop_long(table: pa.Table, limit: int) -> tuple[pa.Table, dict[str, int]]:
+    """Rows whose rendered prompt has at most ``limit`` tokens, and the turns that follow
+    them (a later turn never outlives its parent); counts by whether it was to be generated."""
+    n = table.column("n_prompt_tokens").to_pylist()
+    ids = table.column("prompt_id").to_pylist()
+    parents = table.column("parent_prompt_id").to_pylist()
+    regen = table.column("regenerate").to_pylist()
+    dropped: set[str] = set()
+    for pid, parent, k in zip(ids, parents, n, strict=True):  # parents precede their turns
+        if k > limit or parent in dropped:
+            dropped.add(pid)
+    keep = [pid not in dropped for pid in ids]
+    counts = {"regenerated": sum(r for r, k in zip(regen, keep, strict=True) if not k),
+              "originals": sum(not r for r, k in zip(regen, keep, strict=True) if not k)}
+    return table.filter(pa.array(keep)), counts
 
 
 # ----------------------------------------------------------------------------- benchmarks

@@ -42,8 +42,8 @@ class DataSelection(BaseModel):
     """Which examples a training run uses (all fields enter the cache keys)."""
 
     model_config = ConfigDict(extra="forbid")
-    mix_regenerated: float = Field(1.0, ge=0, le=1, description="share of train rows used with "
-                                   "their regenerated response")
+    mix_regenerated: float = Field(1.0, ge=0, le=1, description="share of generated train rows "
+                                   "used with their regenerated response")
     mix_original: float = Field(1.0, ge=0, le=1, description="share of train rows (that have one) "
                                 "used with the source's original answer")
     max_train_tokens: int | None = Field(None, ge=1, description="cap on training response tokens")
@@ -97,9 +97,10 @@ def select_data(train: pa.Table, eval_: pa.Table, tokenizer: Any, eos_id: int | 
     refs = train.column("reference_response").to_pylist()
     n = len(prompts)
     cands: list[Example] = []
-    if sel.mix_regenerated > 0:
-        take = _seeded_order(n, sel.seed, 1)[: math.ceil(sel.mix_regenerated * n)]
-        for r in sorted(take):
+    generated = [r for r in range(n) if responses[r]]  # originals-only rows have no response
+    if sel.mix_regenerated > 0 and generated:
+        order = [generated[i] for i in _seeded_order(len(generated), sel.seed, 1)]
+        for r in sorted(order[: math.ceil(sel.mix_regenerated * len(generated))]):
             ex = make_example(prompts[r], responses[r], "regenerated", r, sel.max_seq_len)
             if ex is not None:
                 cands.append(ex)
@@ -127,7 +128,8 @@ def select_data(train: pa.Table, eval_: pa.Table, tokenizer: Any, eos_id: int | 
         if ex is not None:
             evals.append(ex)
     mix: dict[str, Any] = {"selection": sel.model_dump(), "train_rows": n,
-                           "rows_with_original": len(has_ref), "sources": {}}
+                           "rows_generated": len(generated), "rows_with_original": len(has_ref),
+                           "sources": {}}
     for src in ("regenerated", "original"):
         exs = [e for e in chosen if e.source == src]
         mix["sources"][src] = {"sequences": len(exs),

@@ -185,7 +185,8 @@ def classic_phase(ctx: Ctx, target: Target, data: TrainData,
     def prepare(idxs: list[int], epoch: int) -> Any:
         ids, attn, sel = padded([data.train[i] for i in idxs])
         with torch.no_grad():
-            teacher = target.forward(ids, attention_mask=attn).logits[sel]
+            last, _ = target.hidden(ids, attn)
+            teacher = target.lm_head(last[sel]).float()  # the head on response positions only
         return ids, attn, sel, teacher, int(attn.sum())
 
     def loss_sum(m: nn.Module, b: Any) -> Tensor:

@@ -177,6 +177,31 @@ def test_split_is_deterministic_by_prompt_id(tmp_path: Path) -> None:
     assert {r["prompt_id"] for r in split_rows(s1, m3, "eval")} != set(evals)
 
 
+def test_originals_pass_response_rules_train_only_and_lose_dedupe(tmp_path: Path) -> None:
+    """finish_reason = 'reference' rows (tasks/prompts.py originals): no generated response."""
+    store = Store(tmp_path / "store")
+
+    def orig(pid: str, ref: str | None, prompt: str | None = None) -> dict[str, Any]:
+        return {**row(pid, prompt=prompt, response="", finish="reference", tokens=[]),
+                "reference_response": ref}
+
+    originals = [orig(f"o{i:03d}", f"an original answer {i}") for i in range(60)]
+    gens = write_generations(store, [[
+        row("g1", prompt="Same question?"), orig("a-first", "ref", prompt="same  QUESTION?"),
+        orig("blank", " \n "), orig("none", None), row("short", n_resp=2)]] + [originals])
+    cfg = quiet(drop_empty=True, min_response_tokens=5, max_repeated_ngram_share=0.5,
+                dedupe=True, eval_fraction=0.5)
+    m = run_filter(store, cfg, gens)
+    removed = {s["rule"]: s["rows_removed"] for s in m.extra["stats"]}
+    assert removed["empty_response"] == 2 and removed["response_tokens"] == 1
+    assert removed["dedupe"] == 1 and removed["degenerate_ngram"] == 0
+    train = {r["prompt_id"] for r in split_rows(store, m, "train")}
+    evals = {r["prompt_id"] for r in split_rows(store, m, "eval")}
+    assert {r["prompt_id"] for r in originals} <= train  # originals never go to eval
+    assert "a-first" not in train | evals and "g1" in train | evals  # the generated copy wins
+    assert evals == {"g1"} or not evals
+
+
 def test_contamination_guard_reports_overlap(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     gens = write_generations(store, [[

@@ -49,12 +49,13 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(saved)
 
 
-def _prepared(store: Store, tmp_path: Path, questions: list[str], **src: object):
+def _prepared(store: Store, tmp_path: Path, questions: list[str], n: int | None = None,
+              originals: int = 0, **src: object):
     """Target + prompt manifests for a small user file (and optional extra sources)."""
     path = tmp_path / "q.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "prompt": q}) + "\n"
-                            for i, q in enumerate(questions)))
-    sources = [PromptSource(kind="file", path=str(path), name="q")]
+    path.write_text("".join(json.dumps({"id": i, "prompt": q, "reference_response": f"ref {i}"})
+                            + "\n" for i, q in enumerate(questions)))
+    sources = [PromptSource(kind="file", path=str(path), name="q", n=n, originals=originals)]
     if src:
         sources.append(PromptSource(**src))
     target = run_prepare_target(store, TargetConfig())
@@ -80,6 +81,30 @@ def test_layout_keeps_dependent_turns_with_their_parent() -> None:
     shards = layout_shards(parents, shard_size=2)
     assert [(s.start, s.end) for s in shards] == [(0, 3), (3, 6), (6, 7)]
     assert [(s.start, s.end) for s in layout_shards([None] * 5, 2)] == [(0, 2), (2, 4), (4, 5)]
+    # originals start their own shards, ORIGINALS_SHARD_FACTOR (16) times larger
+    regen = [True] * 3 + [False] * 40
+    got = [(s.start, s.end) for s in layout_shards([None] * 43, 2, regen)]
+    assert got == [(0, 2), (2, 3), (3, 35), (35, 43)]
+
+
+def test_originals_are_tokenised_not_generated(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    target, prompts = _prepared(store, tmp_path, QUESTIONS[:4], n=2, originals=2)
+    cfg = GenerateConfig(max_new_tokens=3, shard_size=1)
+    m = run_generate(store, cfg, target, prompts)
+    assert m.extra["finish_reasons"] == {"length": 2, "reference": 2}
+    assert m.extra["shards"] == 3  # two generated shards of 1 row, one shard of both originals
+    con = connect(store)
+    rows = con.execute("SELECT g.prompt_id, g.finish_reason, g.response_token_ids, "
+                       "g.n_response_tokens, g.response_text, g.reference_response, "
+                       "g.prompt_token_ids, p.n_prompt_tokens, g.latency_s FROM generations g "
+                       "JOIN prompts p USING (prompt_id) ORDER BY g.finish_reason").fetchall()
+    generated, originals = rows[:2], rows[2:]
+    assert all(r[1] == "length" and r[3] == 3 and r[5].startswith("ref ") for r in generated)
+    for pid, _, resp, n_resp, text, ref, ids, n_prompt, latency in originals:
+        assert (resp, n_resp, text, latency) == ([], 0, "", 0.0)
+        assert ref == f"ref {pid.split(':')[1]}" and len(ids) == n_prompt > 5
+    assert {r[0] for r in rows} == {f"q:{i}" for i in range(4)}
 
 
 def test_hf_backend_batched_greedy_matches_batch_one_and_honours_eos(smollm2_dir: Path) -> None:

@@ -147,6 +147,18 @@ def test_sharegpt_decodes_truncated_file_and_resolves_duplicates() -> None:
     assert {r.prompt_id for r in five} <= {r.prompt_id for r in ten}  # nested samples
     assert [r.prompt_id for r in load_source(src, seed=1)[0]] == [r.prompt_id for r in ten]
     assert {r.prompt_id for r in load_source(src, seed=2)[0]} != {r.prompt_id for r in ten}
+    # originals: the next groups in the same order, marked, never one of the n, with answers
+    both, st = load_source(PromptSource(kind="sharegpt", n=10, originals=40), seed=1)
+    regen = [r for r in both if r.regenerate]
+    assert [r.prompt_id for r in regen] == [r.prompt_id for r in ten]
+    orig = [r for r in both if not r.regenerate]
+    assert st["originals"] == len(orig) and 30 <= len(orig) <= 40  # some have no answer
+    assert all(r.reference_response.strip() for r in orig)
+    assert not {r.prompt_id for r in orig} & {r.prompt_id for r in ten}
+    for bad, why in ((dict(kind="mt_bench", n=2, originals=3), "no original answers"),
+                     (dict(kind="sharegpt", originals=3), "originals needs n")):
+        with pytest.raises(ValueError, match=why):
+            PromptSource(**bad)
 
 
 def test_mt_bench_humaneval_and_contamination_guard() -> None:
@@ -306,3 +318,19 @@ def test_base_model_without_template_gets_plain_text(smollm2_dir: Path) -> None:
                                {"role": "user", "content": "c"}])
     assert text.endswith("User: c\n\nAssistant:")
     assert encode_prompt(tok, "2+2=")[:1] == tok("2+2=")["input_ids"][:1]
+
+
+def test_drop_long_removes_long_prompts_and_their_later_turns() -> None:
+    from tasks.prompts import PROMPTS_SCHEMA, drop_long
+
+    rows = [("a", 10, None, True), ("a:2", 12, "a", True), ("b", 99, None, True),
+            ("b:2", 5, "b", True), ("c", 50, None, False), ("d", 51, None, False)]
+    table = pa.table({"prompt_id": [r[0] for r in rows], "source": ["s"] * 6,
+                      "messages": [[{"role": "user", "content": "x"}]] * 6,
+                      "prompt_text": ["x"] * 6, "reference_response": [None] * 6,
+                      "n_prompt_tokens": [r[1] for r in rows],
+                      "parent_prompt_id": [r[2] for r in rows],
+                      "regenerate": [r[3] for r in rows]}, schema=PROMPTS_SCHEMA)
+    kept, counts = drop_long(table, 50)
+    assert kept.column("prompt_id").to_pylist() == ["a", "a:2", "c"]
+    assert counts == {"regenerated": 2, "originals": 1}
