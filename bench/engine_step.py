@@ -28,6 +28,7 @@ import torch
 
 from dflash_models import engine
 from dflash_models.engine import GenerationConfig, generate_ar, new_cache
+from dflash_models.fast_target import FastLM
 from dflash_models.packaged import packaged_model_dir
 from dflash_models.target import Target, load_target
 
@@ -108,7 +109,24 @@ def main() -> None:
 
             return run
 
+        # the fast path (dflash_models/fast_target.py): same weights, its own static cache
+        fast = Target.from_model(FastLM(model), target.tokenizer)
+        fcache = new_cache(fast.model)
+        fast.model(input_ids=prompt, past_key_values=fcache)
+
+        def fast_crop(fn: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:
+                fn()
+                fcache.crop(p_len)
+
+            return run
+
         rows = {
+            "decode 1 tok: fast path (logits_to_keep=1 + argmax)": (1, fast_crop(
+                lambda: engine._lm_logits(fast.model, one, fcache, 1).argmax(-1))),
+            f"verify {n_ver} tok: fast path DFlash (+{len(layer_ids)} feature layers)": (
+                n_ver, fast_crop(lambda: fast.forward(block, past_key_values=fcache,
+                                                      layer_ids=layer_ids))),
             "decode 1 tok: engine step (logits_to_keep=1 + argmax)": (1, with_crop(
                 lambda: engine._lm_logits(model, one, cache, 1).argmax(-1), 1)),
             "decode 1 tok: transformers forward (full logits)": (1, with_crop(
@@ -127,6 +145,7 @@ def main() -> None:
         cfg = GenerationConfig(max_new_tokens=args.gen_tokens, stop_token_ids=set())
         gen = round_robin_ms({
             "engine": lambda: generate_ar(target, prompt[0], cfg),
+            "fast": lambda: generate_ar(fast, prompt[0], cfg),
             "transformers": lambda: model.generate(
                 prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                 max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens),
@@ -152,10 +171,11 @@ def main() -> None:
         print(f"{name:56s} {best:7.1f} {med:7.1f} | {w_ms:7.1f} {c_ms:7.1f} "
               f"{best / max(w_ms, c_ms):7.2f} {best / (w_ms + c_ms):8.2f} | "
               f"{meas:15.1f} {best / meas:7.2f}")
-    eng, hf = gen["engine"][0] / 1e3, gen["transformers"][0] / 1e3
+    eng, fst, hf = (gen[k][0] / 1e3 for k in ("engine", "fast", "transformers"))
     print(f"greedy {args.gen_tokens} new tokens, best of 3 alternated runs: engine generate_ar "
-          f"{args.gen_tokens / eng:.1f} tok/s, transformers generate {args.gen_tokens / hf:.1f} "
-          f"tok/s (engine {hf / eng:.2f}x); load average now {os.getloadavg()[0]:.2f}")
+          f"{args.gen_tokens / eng:.1f} tok/s general path ({hf / eng:.2f}x generate), "
+          f"{args.gen_tokens / fst:.1f} tok/s fast path ({hf / fst:.2f}x), transformers "
+          f"generate {args.gen_tokens / hf:.1f} tok/s; load average now {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

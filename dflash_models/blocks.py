@@ -34,6 +34,8 @@ class DFlashBatch:
     labels: Tensor  # [Bt, N*B] (IGNORE_INDEX where nothing is learnt)
     weights: Tensor  # [Bt, N*B] loss weights w_k (0 where ignored)
     tokens: int  # real (unpadded) sequence tokens in the batch
+    soft: Tensor | None = None  # [n, V'] teacher probabilities at the rows where weights > 0
+    distill: float = 0.0  # share of the loss against `soft`
 
 
 def pad_stack(rows: Sequence[Tensor], value: float | int) -> Tensor:
@@ -100,10 +102,32 @@ class DFlashTrainModule(nn.Module):
         return self.draft(block_embeds, context, block_positions, ctx_pos, attn_mask=mask)
 
 
-def weighted_ce_sum(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
-    """sum_i w_i * CE(logits_i, labels_i) over rows; labels outside the head count as ignored."""
-    ce = F.cross_entropy(logits.float(), labels.clamp_min(0), reduction="none")
+def weighted_ce_sum(logits: Tensor, labels: Tensor, weights: Tensor, soft: Tensor | None = None,
+                    distill: float = 0.0) -> Tensor:
+    """sum_i w_i * CE_i over rows; labels outside the head count as ignored.
+
+    With teacher probabilities ``soft`` [n, V], CE_i = (1 - distill) * CE(logits_i, label_i)
+    + distill * CE(logits_i, soft_i): the second term is the KL to the teacher plus its
+    (constant) entropy, a dense signal over the whole vocabulary instead of one token.
+    """
+    logits = logits.float()
+    ce = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+    if soft is not None and distill:
+        ce = (1 - distill) * ce + distill * F.cross_entropy(logits, soft, reduction="none")
     return (ce * weights).sum()
+
+
+@torch.no_grad()
+def teacher_probs(head: VocabHead, last: Sequence[Tensor], positions: Tensor,
+                  sel: Tensor) -> Tensor:
+    """The target's next-token distributions for the selected block rows [n, V'].
+
+    Row (i, j) labels the token at absolute position p = positions[i, j]; the target predicted it
+    from the hidden state at p - 1 (teacher forcing over the sequence's own prefix).
+    """
+    i, j = sel.nonzero(as_tuple=True)  # row-major: the order of hidden[sel] in the loss
+    hid = pad_stack(list(last), 0.0).to(positions.device)[i, positions[i, j] - 1]
+    return torch.softmax(head.logits(hid).float(), dim=-1)
 
 
 class VocabHead:
@@ -163,7 +187,8 @@ def dflash_loss_sum(module: nn.Module, target: Any, head: VocabHead, batch: DFla
         hidden = module(embeds, batch.features, batch.block_positions, batch.mask)
         sel = batch.weights > 0
         logits = head.logits(hidden[sel])
-    return weighted_ce_sum(logits, head.labels(batch.labels[sel]), batch.weights[sel])
+    return weighted_ce_sum(logits, head.labels(batch.labels[sel]), batch.weights[sel],
+                           batch.soft, batch.distill)
 
 
 @torch.no_grad()

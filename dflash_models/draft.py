@@ -27,6 +27,7 @@ from .target import Target, choose_mask_token_id, config_rope_theta, default_tar
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+VOCAB_NAME = "draft_vocab.safetensors"  # optional: {"d2t": sorted target ids of the draft head}
 
 
 @dataclass
@@ -200,6 +201,9 @@ class DFlashDraft(nn.Module):
         )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta)
+        # A reduced draft vocabulary (EAGLE-3's draft-to-target map): the draft's logits cover
+        # only these target ids. Not a parameter: it travels as its own file beside the weights.
+        self.draft_ids: Tensor | None = None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -251,6 +255,8 @@ class DFlashDraft(nn.Module):
         save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
         hf = self.config.to_hf_dict(self.fc.weight.dtype)
         (folder / CONFIG_NAME).write_text(json.dumps(hf, indent=2) + "\n")
+        if self.draft_ids is not None:
+            save_file({"d2t": self.draft_ids.long().cpu().contiguous()}, str(folder / VOCAB_NAME))
         return folder
 
     @classmethod
@@ -266,12 +272,19 @@ class DFlashDraft(nn.Module):
         state = load_file(str(folder / WEIGHTS_NAME))
         model = cls(config)
         model.load_state_dict(state, strict=True)
+        if (folder / VOCAB_NAME).is_file():
+            model.draft_ids = load_file(str(folder / VOCAB_NAME))["d2t"].long()
         dtype = dtype or next(iter(state.values())).dtype
         return model.to(device=device or "cpu", dtype=dtype).eval()
 
 
-def check_compatible(config: DFlashDraftConfig, target: Target) -> None:
+def check_compatible(config: DFlashDraftConfig, target: Target,
+                     draft_ids: Tensor | None = None) -> None:
     """Fail fast, with one line naming the mismatch, before a draft meets the wrong target."""
+    if draft_ids is not None and draft_ids.numel() and not (
+            0 <= int(draft_ids.min()) and int(draft_ids.max()) < target.vocab_size):
+        raise ValueError(f"draft vocabulary map holds ids outside the target vocab "
+                         f"[0, {target.vocab_size})")
     if config.hidden_size != target.hidden_size:
         raise ValueError(
             f"draft hidden_size {config.hidden_size} != target hidden_size {target.hidden_size}"

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from .blocks import VocabHead
 from .draft import DFlashDraft, DraftKVCache, check_compatible
 from .sampling import (
     accept_deterministic,
@@ -88,6 +89,16 @@ class GenerationResult:
     draft_s: list[float] = field(default_factory=list)  # draft share of each step
     verify_s: list[float] = field(default_factory=list)  # target verify share of each step
 
+    def record_step(self, emitted: int, n_acc: int, drafted: int, ts: float, tv: float) -> None:
+        """Book one verification pass: started at ts, verify from tv, ends now."""
+        te = time.perf_counter()
+        self.accepted_lengths.append(emitted)
+        self.accepted_drafts.append(n_acc)
+        self.drafted.append(drafted)
+        self.step_s.append(te - ts)
+        self.draft_s.append(tv - ts)
+        self.verify_s.append(te - tv)
+
     @property
     def tau(self) -> float:
         """Mean tokens per verification pass, bonus included (nan if there was none)."""
@@ -128,7 +139,10 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
 
 
 def new_cache(model: torch.nn.Module) -> DynamicCache:
-    """An empty DynamicCache shaped for the model (sliding-window layers where it has them)."""
+    """An empty cache for the model: its own (the fast path's static cache) or a DynamicCache
+    shaped for it (sliding-window layers where it has them)."""
+    if hasattr(model, "new_cache"):
+        return model.new_cache()
     return DynamicCache(config=model.config)
 
 
@@ -255,6 +269,7 @@ def generate_ar(
 
 def _dflash_draft_block(
     target: Target,
+    head: VocabHead,
     draft: DFlashDraft,
     dcache: DraftKVCache,
     new_features: Tensor,
@@ -279,8 +294,9 @@ def _dflash_draft_block(
         cache=dcache,
     )
     # The draft is deterministic (argmax) even at T > 0: a point-mass q keeps verification
-    # lossless with the simple "target sample equals draft token" rule.
-    return target.lm_head(hidden[:, 1:]).argmax(dim=-1)[0].tolist()
+    # lossless with the simple "target sample equals draft token" rule. With a reduced draft
+    # vocabulary the argmax is over the draft's ids, mapped back to target ids.
+    return head.to_target(head.logits(hidden[:, 1:]).argmax(dim=-1))[0].tolist()
 
 
 @torch.inference_mode()
@@ -291,8 +307,9 @@ def generate_dflash(
     cfg: GenerationConfig,
 ) -> GenerationResult:
     """DFlash decoding (dflash-method.md section 2, inference loop), batch 1."""
-    check_compatible(draft.config, target)
+    check_compatible(draft.config, target, draft.draft_ids)
     t0 = time.perf_counter()
+    head = VocabHead(target, draft.draft_ids)
     res = GenerationResult()
     out = _Emitter(res, cfg, _stop_ids(cfg, target))
     if out.done:
@@ -327,7 +344,7 @@ def generate_dflash(
         if b > 1:
             block_ids[0, 0] = anchor
             drafts = _dflash_draft_block(
-                target, draft, dcache, pending, ctx_start, block_ids[:, :b]
+                target, head, draft, dcache, pending, ctx_start, block_ids[:, :b]
             )
             res.n_draft_passes += 1
             ctx_start += pending.shape[1]
@@ -347,13 +364,7 @@ def generate_dflash(
         t_len += 1 + n_acc
         pending = torch.cat([pending, ver.features[:, : 1 + n_acc]], dim=1)
         anchor = choices[n_acc]
-        res.accepted_lengths.append(out.emit([*drafts[:n_acc], anchor]))
-        res.accepted_drafts.append(n_acc)
-        res.drafted.append(len(drafts))
-        te = time.perf_counter()
-        res.step_s.append(te - ts)
-        res.draft_s.append(tv - ts)
-        res.verify_s.append(te - tv)
+        res.record_step(out.emit([*drafts[:n_acc], anchor]), n_acc, len(drafts), ts, tv)
     res.total_s = time.perf_counter() - t0
     return res
 
@@ -443,12 +454,6 @@ def generate_classic(
         d_len = new_d_len
         new_tokens = [*drafts[:n_acc], nxt]
         tokens.extend(new_tokens)
-        res.accepted_lengths.append(out.emit(new_tokens))
-        res.accepted_drafts.append(n_acc)
-        res.drafted.append(k)
-        te = time.perf_counter()
-        res.step_s.append(te - ts)
-        res.draft_s.append(tv - ts)
-        res.verify_s.append(te - tv)
+        res.record_step(out.emit(new_tokens), n_acc, k, ts, tv)
     res.total_s = time.perf_counter() - t0
     return res

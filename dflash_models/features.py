@@ -91,17 +91,20 @@ class FeatureRow:
     ids: Tensor  # int64 [S]
     features: Tensor  # [S, n*H]
     greedy: Tensor | None  # int64 [S], -1 at 0; None where nothing needs it (online training)
+    last: Tensor | None = None  # [S, H] final-normed hidden (online, for distillation targets)
 
 
 @torch.no_grad()
 def target_pass(target: Any, seqs: Sequence[Tensor], layer_ids: Sequence[int],
-                dtype: torch.dtype | None = None, greedy: bool = True) -> list[FeatureRow]:
+                dtype: torch.dtype | None = None, greedy: bool = True,
+                keep_last: bool = False) -> list[FeatureRow]:
     """Features (and greedy next tokens) of right-padded sequences in one batched forward.
 
     Right padding keeps every real position's causal context identical to an unpadded pass
     (pads come after it and are masked), so the result per sequence does not depend on the
     batch it rode in, up to float rounding. ``greedy=False`` skips the LM head: training
-    batches never read the greedy tokens, only tau_sim's held-out rows do.
+    batches never read the greedy tokens, only tau_sim's held-out rows do. ``keep_last`` keeps
+    the final hidden states, from which distillation takes the target's distributions.
     """
     lengths = [int(s.shape[0]) for s in seqs]
     L = max(lengths)
@@ -118,7 +121,8 @@ def target_pass(target: Any, seqs: Sequence[Tensor], layer_ids: Sequence[int],
     for i, n in enumerate(lengths):
         g = None if nxt is None else torch.cat(
             [torch.full((1,), -1, dtype=torch.long), nxt[i, : n - 1].cpu()])
-        rows.append(FeatureRow(seqs[i].cpu(), feats[i, :n], g))
+        rows.append(FeatureRow(seqs[i].cpu(), feats[i, :n], g,
+                               last[i, :n] if keep_last else None))
     return rows
 
 
@@ -127,12 +131,14 @@ class OnlineFeatures:
 
     mode = "online"
 
-    def __init__(self, target: Any, layer_ids: Sequence[int], examples: Sequence[Example]) -> None:
+    def __init__(self, target: Any, layer_ids: Sequence[int], examples: Sequence[Example],
+                 keep_last: bool = False) -> None:
         self.target, self.layer_ids, self.examples = target, list(layer_ids), examples
+        self.keep_last = keep_last
 
     def get(self, indices: Sequence[int]) -> list[FeatureRow]:
         return target_pass(self.target, [self.examples[i].ids for i in indices], self.layer_ids,
-                           greedy=False)
+                           greedy=False, keep_last=self.keep_last)
 
 
 class CachedFeatures:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 
@@ -200,17 +200,9 @@ class Target:
         `hidden_states[0]` is the embedding output, so target layer j is entry j + 1. (The last
         entry is after the final norm in transformers; the default layer ids never use it.)
         """
-        out = self.model(
-            input_ids=ids.to(self.device),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            output_hidden_states=layer_ids is not None,
-            **{self.cache_kwarg: past_key_values},
-        )
-        features = None
-        if layer_ids is not None:
-            features = torch.cat([out.hidden_states[j + 1] for j in layer_ids], dim=-1)
+        out, features = self._run(
+            self.model, ids, layer_ids, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=True, **{self.cache_kwarg: past_key_values})
         cache = out.get("cache", None)
         if cache is None:
             cache = out.get("past_key_values", None)
@@ -226,16 +218,19 @@ class Target:
         extraction the head is ~20% of a small target's FLOPs and its float logits dominate
         memory. Apply `lm_head` to the positions that need logits.
         """
-        out = self.model.get_decoder()(
-            input_ids=ids.to(self.device),
-            attention_mask=attention_mask,
-            use_cache=False,
-            output_hidden_states=layer_ids is not None,
-        )
+        out, features = self._run(self.model.get_decoder(), ids, layer_ids,
+                                  attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state, features
+
+    def _run(self, module: nn.Module, ids: Tensor, layer_ids: list[int] | None,
+             **kwargs: Any) -> tuple[Any, Tensor | None]:
+        """module(ids) with hidden states when `layer_ids` asks for them; (output, features)."""
+        out = module(input_ids=ids.to(self.device), output_hidden_states=layer_ids is not None,
+                     **kwargs)
         features = None
         if layer_ids is not None:
             features = torch.cat([out.hidden_states[j + 1] for j in layer_ids], dim=-1)
-        return out.last_hidden_state, features
+        return out, features
 
 
 def load_target(

@@ -326,7 +326,7 @@ def load_dflash(folder: str | Path, target: Any) -> Any:
         raise DflashError(f"draft {folder}: cannot load its weights "
                           f"({str(e).strip().splitlines()[0]})") from None
     try:
-        check_compatible(draft.config, target)
+        check_compatible(draft.config, target, draft.draft_ids)
     except ValueError as e:
         raise DflashError(f"draft {folder} was trained for another target: {e}") from None
     return draft

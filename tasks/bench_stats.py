@@ -48,7 +48,8 @@ SUMMARY_SCHEMA = pa.schema(_KEYS + [
     ("exact_match_rate", F64), ("mean_first_divergence", F64), ("n_divergences", I32),
     ("n_suspect_divergences", I32), ("max_divergence_margin", F64), ("draft_pass_s", F64),
     ("verify_pass_s", F64), ("ar_step_s", F64), ("classic_k", I32),
-    ("prompt_lookup_num_tokens", I32), ("threads", I32), ("dflash_digest", pa.string()),
+    ("prompt_lookup_num_tokens", I32), ("threads", I32), ("engine_path", pa.string()),
+    ("dflash_digest", pa.string()),
     ("classic_digest", pa.string()),
 ] + _IDS + HW_COLUMNS)
 
@@ -226,6 +227,7 @@ def summary_rows(runs: list[Run], cfg: Any, common: dict[str, Any], drafts: dict
             "prompt_lookup_num_tokens": cfg.prompt_lookup_num_tokens
             if method == "prompt_lookup" else None,
             "threads": info.get("threads"),
+            "engine_path": info.get("engine_path") if engine else None,
             "dflash_digest": drafts["dflash"].digest if drafts.get("dflash") else None,
             "classic_digest": drafts["classic"].digest if drafts.get("classic") else None,
             **_ids(method, common, drafts), **hw,

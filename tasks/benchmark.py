@@ -72,6 +72,10 @@ class BenchConfig(BaseModel):
     near_tie_margin: float | None = Field(
         None, ge=0, description="logit margin below which a T=0 divergence is numeric noise; "
         "None: 0.01 in float32, 0.5 in 16-bit dtypes")
+    engine: Literal["auto", "fast", "general"] = Field(
+        "auto", description="the engine methods' target path: fast (dflash_models/fast_target.py, "
+        "Llama/Mistral/Qwen2/Qwen3 layouts), general (transformers' forward, any causal LM), or "
+        "auto: fast where the family is supported")
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     device: str | None = None
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's "
@@ -312,8 +316,10 @@ def _measure(store: Store, cfg: BenchConfig, tgt: TargetSource, drafts: dict[str
     from dflash_models.engine import default_stop_token_ids
     from dflash_models.target import load_target
 
-    info = {**info, "threads": torch.get_num_threads()}  # recorded on every summary row
     target = tgt.loaded or load_target(tgt.local(), dtype=getattr(torch, dtype), device=cfg.device)
+    engine_target = _engine_target(cfg, target)
+    info = {**info, "threads": torch.get_num_threads(),  # recorded on every summary row
+            "engine_path": "general" if engine_target is target else "fast"}
     dflash = bm.load_dflash(drafts["dflash"].local(), target) \
         if "dflash" in drafts and "dflash" in cfg.methods else None
     classic = bm.load_classic(drafts["classic"].local(), target) \
@@ -343,7 +349,8 @@ def _measure(store: Store, cfg: BenchConfig, tgt: TargetSource, drafts: dict[str
 
             g = GenerationConfig(max_new_tokens=max_new, temperature=temp, stop_token_ids=stop,
                                  seed=seed, block_size=block, k=cfg.classic_k)
-            return bm.run_engine(method, target, ids, g, draft=dflash, classic_lm=classic)
+            return bm.run_engine(method, engine_target, ids, g, draft=dflash,
+                                 classic_lm=classic)
         return bm.run_hf(target, ids, temperature=temp, max_new_tokens=max_new, stop=stop,
                          seed=seed, assistant=classic if method == "hf_assisted" else None,
                          prompt_lookup_num_tokens=cfg.prompt_lookup_num_tokens
@@ -367,6 +374,20 @@ def _measure(store: Store, cfg: BenchConfig, tgt: TargetSource, drafts: dict[str
                         prog.advance(1, tokens=len(s.output_ids), note=f"{ds} {method}")
     audit(runs, target, cfg.tie_margin(dtype))
     return _write(store, cfg, runs, tgt, drafts, info, notes)
+
+
+def _engine_target(cfg: BenchConfig, target: Any) -> Any:
+    """The Target the engine methods run on: the fast path shares the weights (plus fused
+    q|k|v and gate|up copies); transformers' methods keep the general one."""
+    from dflash_models.fast_target import FastLM, supports
+    from dflash_models.target import Target
+
+    why = supports(target.model) if cfg.engine != "general" else "engine: general"
+    if why is None:
+        return Target.from_model(FastLM(target.model), target.tokenizer)
+    if cfg.engine == "fast":
+        raise DflashError(f"benchmark.engine: fast: {why}; use engine: auto or general")
+    return target
 
 
 def _variants(cfg: BenchConfig, dflash: Any, classic: Any, notes: list[str]

@@ -55,6 +55,10 @@ class TrainConfig(BaseModel):
     draft_layers: int = Field(2, ge=1)
     block_size: int = Field(8, ge=2)
     gamma: float = Field(4.0, gt=0, description="loss weight w_k = exp(-(k-1)/gamma)")
+    distill: float = Field(0.0, ge=0, le=1, description="share of the DFlash loss that is "
+                           "cross-entropy against the target's own next-token distribution "
+                           "(teacher-forced, online features only); the rest is against the "
+                           "sequence's tokens")
     num_feature_layers: int = Field(4, ge=1)
     target_layer_ids: list[int] | None = Field(None, description="default: spread 1..L-3")
     mask_token_id: int | None = Field(None, description="default: chosen from the tokenizer")
@@ -113,6 +117,9 @@ class TrainConfig(BaseModel):
     def _one_seed(self) -> TrainConfig:
         if self.data.seed not in (0, self.seed):
             raise ValueError("set train.seed; train.data.seed follows it")
+        if self.distill and self.features != "online":
+            raise ValueError("distill needs features: online (a feature cache holds no target "
+                             "distributions)")
         return self
 
     def selection(self) -> DataSelection:

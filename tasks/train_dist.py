@@ -153,7 +153,7 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
         eval_rows = read_features(store, fm, "eval") if info.main else {}
         summary["features_key"] = fm.key
     else:
-        source = OnlineFeatures(target, layer_ids, data.train)
+        source = OnlineFeatures(target, layer_ids, data.train, keep_last=cfg.distill > 0)
         eval_rows = _compute_rows(target, data.eval, layer_ids) if info.main else {}
     steps_per_epoch = len(data.train) // global_batch
     total = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))

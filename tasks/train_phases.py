@@ -27,6 +27,7 @@ from dflash_models.blocks import (
     greedy_block_labels,
     make_dflash_batch,
     pad_stack,
+    teacher_probs,
 )
 from dflash_models.classic import build_classic_draft, distill_loss
 from dflash_models.draft import DFlashDraft
@@ -112,6 +113,10 @@ def dflash_phase(ctx: Ctx, target: Target, draft: DFlashDraft, head: VocabHead, 
         batch = make_dflash_batch([r.ids for r in rows], [r.features for r in rows], anchors, B,
                                   mask_id, cfg.gamma, device=dev)
         batch.weights *= head.labels(batch.labels) != IGNORE_INDEX
+        if cfg.distill:
+            batch.soft = teacher_probs(head, [r.last for r in rows], batch.block_positions,
+                                       batch.weights > 0)
+            batch.distill = cfg.distill
         return batch
 
     eval_batches = []
@@ -134,13 +139,10 @@ def dflash_phase(ctx: Ctx, target: Target, draft: DFlashDraft, head: VocabHead, 
             eval_dflash_batch(module, target, head, b, stats, amp)
         return stats.result()
 
-    def export(folder: str) -> dict[str, bytes]:
-        files = _folder_bytes(lambda p: draft.export(p))
-        if draft_ids is not None:
-            from safetensors.torch import save
+    draft.draft_ids = draft_ids  # exported beside the weights (draft_vocab.safetensors)
 
-            files["draft_vocab.safetensors"] = save({"d2t": draft_ids.cpu()})
-        return {f"{folder}/{k}": v for k, v in files.items()}
+    def export(folder: str) -> dict[str, bytes]:
+        return {f"{folder}/{k}": v for k, v in _folder_bytes(lambda p: draft.export(p)).items()}
 
     return Phase("dflash", module, cfg.lr, total, prepare,
                  lambda m, b: dflash_loss_sum(m, target, head, b, amp),

@@ -91,3 +91,15 @@ def test_ls_and_gc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["gc", "--store", store.url, "--yes"]) == 0
     assert not store.exists("train/dead/weights.bin") and not store.exists("filter/k1/orphan.parquet")
     assert store.exists("filter/k1/manifest.json") and store.exists("filter/k1/filter_stats.parquet")
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path) -> None:
+    """Every shipped config passes the pipeline's up-front checks (no model, no network)."""
+    from flows.config import load_config
+    from flows.pipeline import RunOptions, resolve
+
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    resolved, _ = resolve(RunOptions(config_path=str(path), store="memory://configs-test"))
+    assert resolved == cfg

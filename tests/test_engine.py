@@ -359,6 +359,36 @@ def test_random_dflash_draft_exact(family, one_thread) -> None:
     assert res.n_draft_passes >= 1
 
 
+def test_reduced_draft_vocabulary_drafts_only_its_ids_and_stays_exact(
+        tmp_path, one_thread, monkeypatch) -> None:
+    """A draft with a draft-to-target id map (EAGLE-3 style) proposes only mapped ids, round-trips
+    through export/load, and verification keeps the output exact."""
+    import dflash_models.engine as engine
+
+    target = Target.from_model(tiny_model("qwen3"))
+    prompt = list(range(3, 15))
+    ref = hf_greedy(target, prompt, 24)
+    draft = tiny_draft(target)
+    draft.draft_ids = torch.tensor([3, 5, 7, 11, 13, 17, 19, 23])
+    loaded = DFlashDraft.load(draft.export(tmp_path / "d"))
+    assert torch.equal(loaded.draft_ids, draft.draft_ids)
+    proposed: list[int] = []
+    real = engine._dflash_draft_block
+
+    def spy(*args, **kwargs):
+        got = real(*args, **kwargs)
+        proposed.extend(got)
+        return got
+
+    monkeypatch.setattr(engine, "_dflash_draft_block", spy)
+    res = generate_dflash(target, loaded, prompt, GenerationConfig(max_new_tokens=24))
+    assert res.output_ids == ref
+    assert proposed and set(proposed) <= {3, 5, 7, 11, 13, 17, 19, 23}
+    loaded.draft_ids = torch.tensor([1, 64])  # an id past the target's 64-token vocabulary
+    with pytest.raises(ValueError, match="vocabulary map"):
+        generate_dflash(target, loaded, prompt, GenerationConfig(max_new_tokens=4))
+
+
 def test_check_compatible_is_enforced(one_thread) -> None:
     target = Target.from_model(tiny_model("llama"))
     other = Target.from_model(tiny_model("llama", layers=6))

@@ -8,10 +8,12 @@ packaged SmolLM2 with its own greedy continuations.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -342,6 +344,31 @@ def test_reduced_draft_vocab_head_and_coverage(tmp_path: Path, tiny_target_dir: 
     assert 0.0 <= info["eval_coverage"] <= 1.0
     d2t = load(store.read_bytes(f"{m.prefix}/dflash-draft/draft_vocab.safetensors"))["d2t"]
     assert d2t.shape == (64,) and torch.equal(d2t, d2t.sort().values)
+    # the exported draft carries its id map: the engine drafts only those ids
+    from dflash_models.draft import DFlashDraft
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in m.files:
+            if f.path.startswith("dflash-draft/"):
+                (Path(tmp) / f.path.split("/", 1)[1]).write_bytes(
+                    store.read_bytes(f"{m.prefix}/{f.path}"))
+        assert torch.equal(DFlashDraft.load(tmp).draft_ids, d2t)
+
+
+def test_distillation_runs_online_only(tmp_path: Path, tiny_target_dir: Path,
+                                       tiny_rows: list[dict]) -> None:
+    with pytest.raises(ValueError, match="distill needs features: online"):
+        TrainConfig(distill=0.5, features="cached")
+    store, fm = tiny_store(tmp_path, tiny_rows)
+    plain = run_train(store, TrainConfig.tiny(max_steps=3, classic_layers=0), tiny_target_dir, fm)
+    m = run_train(store, TrainConfig.tiny(distill=0.5, max_steps=3, classic_layers=0),
+                  tiny_target_dir, fm)
+    assert m.key != plain.key
+    losses = [r["loss"] for r in m.extra["dflash"].get("metrics", [])] or \
+        [m.extra["dflash"]["last"]["loss"]]
+    plain_last = plain.extra["dflash"]["last"]["loss"]
+    # the teacher's entropy enters the loss: same batches, a different (finite) value
+    assert all(math.isfinite(x) for x in losses) and m.extra["dflash"]["last"]["loss"] != plain_last
 
 
 # ----------------------------------------------------------------------------- resume, DDP

@@ -144,3 +144,27 @@ def test_training_step_learns() -> None:
     assert all(p.grad is None for p in target.model.parameters())
     assert losses[-1] < 0.5 * losses[0]
     assert block_accuracy(logits, labels, 4).tau_sim > 1.5
+
+
+def test_distillation_targets_and_loss() -> None:
+    """Teacher rows are the target's distribution at position p - 1 for a label at p, in the
+    order the loss reads them; one-hot teachers reproduce the hard loss."""
+    from dflash_models.blocks import VocabHead, teacher_probs, weighted_ce_sum
+
+    target, _ = _tiny_pair()
+    last = [torch.randn(9, 32), torch.randn(6, 32)]
+    positions = torch.tensor([[3, 4, 5, 6], [2, 3, 4, 5]])
+    sel = torch.tensor([[False, True, True, False], [False, True, False, True]])
+    got = teacher_probs(VocabHead(target), last, positions, sel)
+    want = [(0, 4), (0, 5), (1, 3), (1, 5)]  # (sequence, labelled position), row-major
+    for row, (i, p) in zip(got, want, strict=True):
+        torch.testing.assert_close(row, torch.softmax(target.lm_head(last[i][p - 1]), -1))
+    logits, labels = torch.randn(4, 48), torch.tensor([1, 5, 7, 2])
+    w = torch.tensor([1.0, 0.5, 0.25, 1.0])
+    hard = weighted_ce_sum(logits, labels, w)
+    onehot = F.one_hot(labels, 48).float()
+    torch.testing.assert_close(weighted_ce_sum(logits, labels, w, onehot, 0.7), hard)
+    soft = weighted_ce_sum(logits, labels, w, got, 1.0)
+    manual = sum(wi * -(pi * F.log_softmax(li, -1)).sum() for wi, pi, li in zip(w, got, logits,
+                                                                                strict=True))
+    torch.testing.assert_close(soft, manual)
