@@ -31,7 +31,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from storage import Manifest, StageOutput, Store  # noqa: E402
+from storage import Manifest, StageOutput, Store, read_manifest  # noqa: E402
 from storage.parquet import read_parquet  # noqa: E402
 
 log = logging.getLogger("dflash")
@@ -98,6 +98,26 @@ def sharegpt_filter(store: Store, target_dir: Path, n_train: int, n_eval: int,
         return out.commit()
 
 
+def pipeline_filter(store: Store, source: Store) -> Manifest:
+    """The newest committed filter output of ``source``, copied into ``store`` (same key)."""
+    from storage.manifest import list_outputs
+
+    done = [o for o in list_outputs(source, "filter") if o["status"] == "committed"]
+    if not done:
+        raise SystemExit(f"{source.url}: no committed filter output; run the pipeline first")
+    newest = max((read_manifest(source, "filter", o["key"]) for o in done),
+                 key=lambda m: m.created_at)
+    with StageOutput(store, "filter", newest.key, config={"copied_from": source.url},
+                     inputs={"filter": newest.digest}) as out:
+        if out.manifest:
+            return out.manifest
+        for f in newest.files:
+            if f.table in ("train", "eval"):
+                out.write_bytes(f.path, source.read_bytes(f"{newest.prefix}/{f.path}"),
+                                table=f.table, rows=f.rows)
+        return out.commit()
+
+
 def _read(store: Store, m: Manifest, table: str) -> list[dict[str, Any]]:
     parts = [read_parquet(store, f"{m.prefix}/{f.path}") for f in m.files_for(table)]
     return pa.concat_tables(parts).to_pylist() if parts else []
@@ -138,6 +158,11 @@ def main() -> None:
     ap.add_argument("--tokens-per-s", type=float, default=None,
                     help="training tokens/s for planning (default: measured by a short run)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--filter-from", default=None, metavar="STORE",
+                    help="use the newest committed filter output of a pipeline store (e.g. the "
+                         "one `make run` wrote) instead of building data here")
+    ap.add_argument("--config", default="configs/default.yaml",
+                    help="the train recipe of every point (its train: section)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:  # generation too: on a shared box OpenMP spin-waits make 2 threads slow
@@ -148,23 +173,29 @@ def main() -> None:
     from dflash_models.packaged import packaged_model_dir
     from dflash_models.target import load_target
     from tasks.train import TrainConfig, run_train
-    from tasks.train_features import DataSelection, load_split, select_data
+    from tasks.train_features import load_split, select_data
 
     store, out = Store(args.store), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     target_dir = packaged_model_dir()
     t0 = time.perf_counter()
-    fm = sharegpt_filter(store, target_dir, args.gen_rows - args.eval_rows, args.eval_rows,
-                         "generate", args.max_new_tokens, args.orig_rows)
+    fm = pipeline_filter(store, Store(args.filter_from)) if args.filter_from else \
+        sharegpt_filter(store, target_dir, args.gen_rows - args.eval_rows, args.eval_rows,
+                        "generate", args.max_new_tokens, args.orig_rows)
     log.info("data ready in %.0f s", time.perf_counter() - t0)
+    from flows.config import load_config
+
+    recipe = load_config(args.config).train
 
     def cfg_for(source: str, tokens: int | None, steps: int | None = None) -> TrainConfig:
-        sel = DataSelection(mix_regenerated=float(source == "regenerated"),
-                            mix_original=float(source == "original"), max_train_tokens=tokens,
-                            eval_max_seqs=args.eval_rows)
-        return TrainConfig(data=sel, epochs=args.epochs, max_steps=steps, classic_layers=0,
-                           eval_every=0, checkpoint_every=200, threads=args.threads,
-                           time_budget_min=None)
+        sel = recipe.data.model_copy(update={
+            "mix_regenerated": float(source == "regenerated"),
+            "mix_original": float(source == "original"), "max_train_tokens": tokens,
+            "eval_max_seqs": args.eval_rows})
+        return recipe.model_copy(update={
+            "data": sel, "epochs": args.epochs, "max_steps": steps, "classic_layers": 0,
+            "features": "cached", "eval_every": 0, "checkpoint_every": 1000,
+            "threads": args.threads, "time_budget_min": None})
 
     rate = args.tokens_per_s
     if rate is None:  # calibrate: a few steps on a small slice (cached features)
@@ -191,7 +222,8 @@ def main() -> None:
     for src, pts in plan.items():
         for b in pts:
             mix = selected(src, b)
-            steps = max(1, round(args.epochs * mix["sources"][src]["sequences"] / 4))
+            steps = max(1, round(args.epochs * mix["sources"][src]["sequences"]
+                                 / recipe.batch_size))
             cfg = cfg_for(src, b).model_copy(update={"eval_every": max(1, steps // 4)})
             t1 = time.perf_counter()
             m = run_train(store, cfg, target_dir, fm)
