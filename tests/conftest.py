@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -10,6 +11,33 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on 1 thread: small models run faster on one, and on a shared 2-core box two OpenMP
+    threads spinning against other jobs can make a 25 s test take 10 minutes."""
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module() -> Iterator[None]:
+    """`one_thread` for a whole module (its module-scoped fixtures run on 1 thread too)."""
+    with _torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -22,18 +22,10 @@ from tasks import bench_methods as bm
 from tasks import benchmark as bench
 from tasks.benchmark import BenchConfig, bench_any_draft, run_benchmark
 
-pytestmark = pytest.mark.slow
+# slow, and on 1 torch thread (module-scoped fixtures too)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread_module")]
 CHEAP = dict(datasets=["mt_bench"], n_prompts=1, max_new_tokens=4, warmup_prompts=0)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """torch on 1 thread: on a shared 2-core machine, 2 OpenMP threads spin against other jobs
-    and a 25 s run can take 10 minutes; 1 thread keeps these tests' runtime predictable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from dflash_models.generation import SamplingParams, encode_prompt, plan_batches, render_prompt
 from storage import Store, read_manifest
@@ -40,13 +39,7 @@ QUESTIONS = ["What is the capital of France?", "Say only the word yes.",
              "What colour is the sky?", "Count from one to five."]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """On a shared 2-core box OpenMP spin-waits make 2 threads many times slower than 1."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prepared(store: Store, tmp_path: Path, questions: list[str], n: int | None = None,
