@@ -128,9 +128,9 @@ def patch_draft(monkeypatch: pytest.MonkeyPatch, propose: Callable[[int, int], l
     real = engine._dflash_draft_block
     seen: list[int] = []
 
-    def fake(target, draft, dcache, new_features, ctx_start, block_ids):
+    def fake(target, head, draft, dcache, new_features, ctx_start, block_ids):
         assert len(dcache) == ctx_start, "draft cache must hold exactly the context before"
-        real(target, draft, dcache, new_features, ctx_start, block_ids)
+        real(target, head, draft, dcache, new_features, ctx_start, block_ids)
         pos = ctx_start + new_features.shape[1]
         assert len(dcache) == pos, "draft cache must hold context only, never block k/v"
         if check is not None:
