@@ -42,13 +42,14 @@ QUESTIONS = ["What is the capital of France?", "Say only the word yes.",
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _prepared(store: Store, tmp_path: Path, questions: list[str], n: int | None = None,
-              originals: int = 0, **src: object):
-    """Target + prompt manifests for a small user file (and optional extra sources)."""
+def _prepared(store: Store, tmp_path: Path, questions: list[str], q_n: int | None = None,
+              q_originals: int = 0, **src: object):
+    """Target + prompt manifests for a small user file (sampled by q_n, with q_originals) and
+    optionally one more source (``src``)."""
     path = tmp_path / "q.jsonl"
     path.write_text("".join(json.dumps({"id": i, "prompt": q, "reference_response": f"ref {i}"})
                             + "\n" for i, q in enumerate(questions)))
-    sources = [PromptSource(kind="file", path=str(path), name="q", n=n, originals=originals)]
+    sources = [PromptSource(kind="file", path=str(path), name="q", n=q_n, originals=q_originals)]
     if src:
         sources.append(PromptSource(**src))
     target = run_prepare_target(store, TargetConfig())
@@ -82,7 +83,7 @@ def test_layout_keeps_dependent_turns_with_their_parent() -> None:
 
 def test_originals_are_tokenised_not_generated(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
-    target, prompts = _prepared(store, tmp_path, QUESTIONS[:4], n=2, originals=2)
+    target, prompts = _prepared(store, tmp_path, QUESTIONS[:4], q_n=2, q_originals=2)
     cfg = GenerateConfig(max_new_tokens=3, shard_size=1)
     m = run_generate(store, cfg, target, prompts)
     assert m.extra["finish_reasons"] == {"length": 2, "reference": 2}
