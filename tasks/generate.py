@@ -247,19 +247,24 @@ def generate_shard(store: Store, plan: GenerationPlan, shard_index: int,
             "errors": errors.num_rows, "tokens": tokens}
 
 
-def _backend(store: Store, plan: GenerationPlan) -> Any:
+def _target_dir(store: Store, plan: GenerationPlan) -> Any:
+    """The local folder of the plan's target model (one line if its manifest vanished)."""
     from tasks.models import target_folder
 
     target_m = read_manifest(store, "targets", plan.target_key)
     if target_m is None:
         raise StoreError(f"store {store.url}: target targets/{plan.target_key} vanished; "
                          "rerun the pipeline")
+    return target_folder(target_m, store)
+
+
+def _backend(store: Store, plan: GenerationPlan) -> Any:
     cfg = plan.config
     if cfg.threads:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    return get_backend(cfg.backend, target_folder(target_m, store), dtype=plan.dtype,
+    return get_backend(cfg.backend, _target_dir(store, plan), dtype=plan.dtype,
                        device=plan.device, token_budget=cfg.token_budget,
                        max_batch_size=cfg.max_batch_size, openai=cfg.openai)
 
@@ -270,14 +275,8 @@ class _TokenizerOnly:
     def __init__(self, store: Store, plan: GenerationPlan) -> None:
         from transformers import AutoTokenizer
 
-        from tasks.models import target_folder
-
-        target_m = read_manifest(store, "targets", plan.target_key)
-        if target_m is None:
-            raise StoreError(f"store {store.url}: target targets/{plan.target_key} vanished; "
-                             "rerun the pipeline")
         self.name = plan.config.backend
-        self.tokenizer = AutoTokenizer.from_pretrained(str(target_folder(target_m, store)))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(_target_dir(store, plan)))
 
 
 def _answer(backend: Any, rows: list[dict[str, Any]], plan: GenerationPlan, shard: int,
