@@ -126,12 +126,11 @@ def build_rules(cfg: FilterConfig) -> list[Rule]:
             conds.append(f"coalesce({col}, 0) > {int(hi)}")
         if conds:
             bounds = f"[{lo or 0}, {hi if hi is not None else 'inf'}]"
-            drops = " OR ".join(conds)
+            drops, detail, cols = " OR ".join(conds), f"{col} outside {bounds}", (col,)
             if what == "response":  # an original has no generated response to count
-                drops = f"NOT {ORIGINAL} AND ({drops})"
-            rules.append(Rule(f"{what}_tokens", drops, f"{col} outside {bounds}"
-                              + (" (originals exempt)" if what == "response" else ""),
-                              (col, "finish_reason")))
+                drops, cols = f"NOT {ORIGINAL} AND ({drops})", (col, "finish_reason")
+                detail += " (originals exempt)"
+            rules.append(Rule(f"{what}_tokens", drops, detail, cols))
     if cfg.max_repeated_ngram_share is not None:
         rules.append(Rule(
             "degenerate_ngram", f"ngram_repeated_share > {float(cfg.max_repeated_ngram_share)!r}",

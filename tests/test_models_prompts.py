@@ -20,6 +20,7 @@ from storage import Store, read_manifest
 from storage.catalog import connect
 from storage.errors import ConfigError, DflashError, SchemaError
 from tasks import models
+from tasks.filter import normalise_prompt_text
 from tasks.models import TargetConfig, resolve_model, run_prepare_target, target_folder
 from tasks.prompts import (
     PromptsConfig,
@@ -29,7 +30,6 @@ from tasks.prompts import (
     load_mt_bench,
     load_sharegpt,
     load_source,
-    normalise_prompt_text,
     run_prompts,
     validate_prompts,
 )
