@@ -35,9 +35,32 @@ def timed(gen: HFGenerator, prompts: list[list[int]], params: SamplingParams, bu
           max_batch: int) -> tuple[float, int, list[list[int]]]:
     """(seconds, generated tokens, outputs) of one full pass over the prompts."""
     t0 = time.perf_counter()
-    outs = gen.generate(prompts, params, token_budget=budget, max_batch_size=max_batch)
+    marks: list[tuple[int, float]] = []
+    outs = gen.generate(prompts, params, token_budget=budget, max_batch_size=max_batch,
+                        on_batch=lambda rows, _: marks.append((rows, time.perf_counter())))
     elapsed = time.perf_counter() - t0
+    if max_batch > 1:  # where the batched run's time goes: (rows, seconds) per batch
+        prev, per = t0, []
+        for rows, t in marks:
+            per.append(f"{rows}:{t - prev:.1f}")
+            prev = t
+        print("batches (rows:seconds): " + " ".join(per))
     return elapsed, sum(len(o.token_ids) for o in outs), [o.token_ids for o in outs]
+
+
+def prefill_seconds(gen: HFGenerator, prompts: list[list[int]]) -> float:
+    """Seconds for one forward pass over each prompt alone: the prefill work both runs share.
+
+    Prefill is compute-bound, so batching cannot shrink it; the ratio batch-1 time / this is
+    the ceiling of any batched speed-up on these prompts (Amdahl), however cheap decoding gets.
+    """
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for p in prompts:
+            gen.model(input_ids=torch.tensor([p], device=gen.device), logits_to_keep=1)
+    return time.perf_counter() - t0
 
 
 def pick_prompts(tokenizer: object, records: list, n: int, seed: int,
@@ -94,6 +117,9 @@ def main() -> None:
     ratio = (nb / tb) / (n1 / t1)
     print(f"speed-up: {ratio:.2f}x (bar: >= 2.5x) -> {'PASS' if ratio >= 2.5 else 'FAIL'}; "
           f"identical greedy outputs: {same}/{len(prompts)}")
+    tp = prefill_seconds(gen, prompts)
+    print(f"prefill : {sum(lengths)} prompt tokens in {tp:.1f} s ({tp / t1:.0%} of batch 1); "
+          f"ceiling for any batched speed-up on these prompts: {t1 / tp:.2f}x")
 
 
 if __name__ == "__main__":

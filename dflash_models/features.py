@@ -132,13 +132,13 @@ class OnlineFeatures:
     mode = "online"
 
     def __init__(self, target: Any, layer_ids: Sequence[int], examples: Sequence[Example],
-                 keep_last: bool = False) -> None:
+                 keep_last: bool = False, greedy: bool = False) -> None:
         self.target, self.layer_ids, self.examples = target, list(layer_ids), examples
-        self.keep_last = keep_last
+        self.keep_last, self.greedy = keep_last, greedy
 
     def get(self, indices: Sequence[int]) -> list[FeatureRow]:
         return target_pass(self.target, [self.examples[i].ids for i in indices], self.layer_ids,
-                           greedy=False, keep_last=self.keep_last)
+                           greedy=self.greedy, keep_last=self.keep_last)
 
 
 class CachedFeatures:

@@ -59,6 +59,11 @@ class TrainConfig(BaseModel):
                            "cross-entropy against the target's own next-token distribution "
                            "(teacher-forced, online features only); the rest is against the "
                            "sequence's tokens")
+    labels: Literal["tokens", "target"] = Field(
+        "tokens", description="what block offset k learns: the sequence's own token, or the "
+        "target's greedy token while the sequence still follows the target's greedy chain "
+        "(exactly what greedy verification accepts; an original answer then teaches the "
+        "target's choices, not another model's)")
     num_feature_layers: int = Field(4, ge=1)
     target_layer_ids: list[int] | None = Field(None, description="default: spread 1..L-3")
     mask_token_id: int | None = Field(None, description="default: chosen from the tokenizer")
@@ -84,6 +89,9 @@ class TrainConfig(BaseModel):
     time_budget_min: float | None = Field(9.0, gt=0, description="wall-clock budget of the "
                                           "DFlash phase: caps the step count, measured up front")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    cpu_bf16: bool | Literal["auto"] = Field(
+        False, description="bf16 autocast on CPU too: ~2.3x faster matmuls on CPUs with native "
+        "bf16 (AVX512-BF16, AMX), slower on others; auto = where /proc/cpuinfo has them")
     # --- bookkeeping
     eval_every: int = Field(50, ge=0, description="steps; 0 = only at the end")
     checkpoint_every: int = Field(100, ge=1)
@@ -207,7 +215,7 @@ def run_train(store: Store, cfg: TrainConfig, target_manifest_or_folder: Manifes
 
 def _extra(summary: dict[str, Any]) -> dict[str, Any]:
     keep = ("data_mix", "dflash", "classic", "feature_bytes_per_token", "features_mode",
-            "features_key", "draft_vocab", "draft_config", "resumed_from", "wall_s")
+            "features_key", "draft_vocab", "draft_config", "cpu_bf16", "resumed_from", "wall_s")
     return {k: summary[k] for k in keep if k in summary}
 
 

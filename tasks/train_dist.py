@@ -45,6 +45,7 @@ from dflash_models.trainer import (
     WEIGHTS,
     DistInfo,
     all_reduce_sum,
+    autocast_context,
     barrier,
     build_optimizer,
     build_scheduler,
@@ -153,7 +154,8 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
         eval_rows = read_features(store, fm, "eval") if info.main else {}
         summary["features_key"] = fm.key
     else:
-        source = OnlineFeatures(target, layer_ids, data.train, keep_last=cfg.distill > 0)
+        source = OnlineFeatures(target, layer_ids, data.train, keep_last=cfg.distill > 0,
+                                greedy=cfg.labels == "target")
         eval_rows = _compute_rows(target, data.eval, layer_ids) if info.main else {}
     steps_per_epoch = len(data.train) // global_batch
     total = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
@@ -167,10 +169,16 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
     draft = DFlashDraft(dcfg).to(info.device)
     draft_ids = None
     if cfg.draft_vocab_size:
+        taught = None
+        if cfg.labels == "target" and cfg.features == "cached":  # online: not known up front
+            taught = [source.rows[i].greedy[ex.response_start + 1:]
+                      for i, ex in enumerate(data.train)]
         draft_ids, summary["draft_vocab"] = choose_draft_vocab(data, cfg.draft_vocab_size,
-                                                               target.vocab_size)
+                                                               target.vocab_size, taught)
     head = VocabHead(target, draft_ids)
     summary["draft_config"] = dcfg.to_hf_dict()
+    summary["cpu_bf16"] = info.device.type == "cpu" and isinstance(
+        autocast_context(info.device, cfg.bf16, cfg.cpu_bf16), torch.autocast)
     summary["dflash"] = run_phase(dflash_phase(ctx, target, draft, head, source, data,
                                                 eval_rows, total, draft_ids), ctx)
     if cfg.classic_layers > 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,23 +70,27 @@ class Ctx:
     n_train: int
 
 
-def choose_draft_vocab(data: TrainData, size: int, vocab: int) -> tuple[Tensor, dict[str, Any]]:
-    """The ``size`` most frequent training response tokens (ties by id), and their coverage of
-    training and held-out response tokens: a token outside the set can never be drafted."""
+def choose_draft_vocab(data: TrainData, size: int, vocab: int,
+                       taught: Sequence[Tensor] | None = None) -> tuple[Tensor, dict[str, Any]]:
+    """The ``size`` most frequent tokens the draft is taught (ties by id): the training
+    response tokens, or ``taught`` (per train example, e.g. the target's greedy tokens when it
+    learns those), and their coverage of them and of the held-out response tokens, which are
+    the target's own output: a token outside the set can never be drafted."""
+    taught = taught or [ex.ids[ex.response_start:] for ex in data.train]
     counts = torch.zeros(vocab, dtype=torch.long)
-    for ex in data.train:
-        counts += torch.bincount(ex.ids[ex.response_start:], minlength=vocab)
+    for toks in taught:
+        counts += torch.bincount(toks.long(), minlength=vocab)
     order = torch.sort(counts, descending=True, stable=True).indices[: min(size, vocab)]
     ids = order.sort().values  # ties broken by the lower id (stable sort)
     inside = torch.zeros(vocab, dtype=torch.bool)
     inside[ids] = True
 
-    def coverage(exs: list[Any]) -> float:
-        toks = torch.cat([e.ids[e.response_start:] for e in exs]) if exs else torch.zeros(0)
+    def coverage(seqs: list[Tensor]) -> float:
+        toks = torch.cat(seqs) if seqs else torch.zeros(0)
         return float(inside[toks.long()].float().mean()) if toks.numel() else float("nan")
 
-    return ids, {"size": int(ids.numel()), "train_coverage": coverage(data.train),
-                 "eval_coverage": coverage(data.eval)}
+    return ids, {"size": int(ids.numel()), "train_coverage": coverage(list(taught)),
+                 "eval_coverage": coverage([e.ids[e.response_start:] for e in data.eval])}
 
 
 # ----------------------------------------------------------------------------- phases
@@ -103,15 +107,19 @@ def dflash_phase(ctx: Ctx, target: Target, draft: DFlashDraft, head: VocabHead, 
     cfg, dev = ctx.cfg, ctx.info.device
     module = DFlashTrainModule(draft)
     mask_id, B = draft.config.mask_token_id, cfg.block_size
-    amp = functools.partial(autocast_context, dev, cfg.bf16)
+    amp = functools.partial(autocast_context, dev, cfg.bf16, cfg.cpu_bf16)
 
     def prepare(idxs: list[int], epoch: int) -> Any:
         rows = source.get(idxs)
         anchors = [sample_anchors(data.train[i].response_start, int(r.ids.shape[0]),
                                   cfg.anchors_per_seq, B, example_generator(cfg.seed, epoch, i))
                    for i, r in zip(idxs, rows, strict=True)]
+        labels = None
+        if cfg.labels == "target":  # the target's greedy chain (docs/training.md)
+            labels = [greedy_block_labels(r.ids, r.greedy, a, B)
+                      for r, a in zip(rows, anchors, strict=True)]
         batch = make_dflash_batch([r.ids for r in rows], [r.features for r in rows], anchors, B,
-                                  mask_id, cfg.gamma, device=dev)
+                                  mask_id, cfg.gamma, labels=labels, device=dev)
         batch.weights *= head.labels(batch.labels) != IGNORE_INDEX
         if cfg.distill:
             batch.soft = teacher_probs(head, [r.last for r in rows], batch.block_positions,
@@ -173,7 +181,7 @@ def classic_phase(ctx: Ctx, target: Target, data: TrainData,
     lm.get_output_embeddings().weight.requires_grad_(False)
     lm.train()
     module = ClassicTrainModule(lm)
-    amp = functools.partial(autocast_context, dev, cfg.bf16)
+    amp = functools.partial(autocast_context, dev, cfg.bf16, cfg.cpu_bf16)
     T = cfg.distill_temperature
 
     def padded(exs: list[Any]) -> tuple[Tensor, Tensor, Tensor]:

@@ -371,6 +371,30 @@ def test_distillation_runs_online_only(tmp_path: Path, tiny_target_dir: Path,
     assert all(math.isfinite(x) for x in losses) and m.extra["dflash"]["last"]["loss"] != plain_last
 
 
+def test_target_labels_teach_the_greedy_chain_online_and_cached(tmp_path: Path,
+                                                                 tiny_target_dir: Path,
+                                                                 tiny_rows: list[dict]) -> None:
+    """labels="target" trains on what greedy verification accepts (the random tiny target's
+    argmax differs from the answers): the same loss from both feature modes, not the tokens'."""
+    store, fm = tiny_store(tmp_path, tiny_rows)
+    last = {}
+    for labels, features in (("tokens", "cached"), ("target", "cached"), ("target", "online")):
+        m = run_train(store, TrainConfig.tiny(labels=labels, features=features, max_steps=2,
+                                              classic_layers=0), tiny_target_dir, fm)
+        last[labels, features] = m.extra["dflash"]["last"]["loss"]
+    assert last["target", "online"] == pytest.approx(last["target", "cached"], rel=1e-4)
+    assert last["target", "cached"] != pytest.approx(last["tokens", "cached"], rel=1e-2)
+    # a reduced head is then chosen from the tokens it is taught: the target's greedy ones
+    maps = {}
+    for labels in ("tokens", "target"):
+        m = run_train(store, TrainConfig.tiny(labels=labels, features="cached", max_steps=1,
+                                              draft_vocab_size=32, classic_layers=0),
+                      tiny_target_dir, fm)
+        maps[labels] = load(store.read_bytes(f"{m.prefix}/dflash-draft/draft_vocab.safetensors"))
+        assert m.extra["draft_vocab"]["train_coverage"] > 0.3
+    assert not torch.equal(maps["tokens"]["d2t"], maps["target"]["d2t"])
+
+
 # ----------------------------------------------------------------------------- resume, DDP
 KILL_SCRIPT = textwrap.dedent("""
     import json, sys

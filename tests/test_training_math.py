@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -168,3 +169,31 @@ def test_distillation_targets_and_loss() -> None:
     manual = sum(wi * -(pi * F.log_softmax(li, -1)).sum() for wi, pi, li in zip(w, got, logits,
                                                                                 strict=True))
     torch.testing.assert_close(soft, manual)
+
+
+def test_cpu_bf16_autocast_trains_in_bf16_with_fp32_weights() -> None:
+    """``cpu_bf16``: the draft's matmuls run in bf16 (weights and grads stay fp32) and the loss
+    stays within bf16 rounding of the fp32 loss; off, the context changes nothing."""
+    from dflash_models.trainer import autocast_context, cpu_has_native_bf16
+
+    target, draft = _tiny_pair()
+    ids = torch.randint(0, 40, (1, 24))
+    with torch.no_grad():
+        feats = target.forward(ids, layer_ids=draft.config.target_layer_ids).features
+    anchors = sample_anchors(4, 24, 8, 4, torch.Generator().manual_seed(0))
+    labels = build_training_batch(ids[0], anchors, 4, 47).labels[None]
+    cpu = torch.device("cpu")
+    losses = {}
+    for on in (False, True):
+        with autocast_context(cpu, bf16=True, cpu_bf16=on):
+            logits = dflash_forward_train(draft, target, ids, feats, anchors)
+            loss = dflash_loss(logits.float(), labels, 4, gamma=4.0)
+        assert logits.dtype == (torch.bfloat16 if on else torch.float32)
+        draft.zero_grad()
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in draft.parameters() if p.grad is not None)
+        losses[on] = loss.item()
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+    assert losses[True] != losses[False]
+    native = cpu_has_native_bf16()
+    assert isinstance(autocast_context(cpu, False, "auto"), torch.autocast) == native
