@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("dflash")
+PREFILL_TOKENS = 256  # prompts this long are prefilled alone and only decode in batches
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -77,25 +78,26 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
 # ----------------------------------------------------------------------------- batching
 def plan_batches(lengths: Sequence[int], max_new_tokens: int, token_budget: int,
                  max_batch_size: int = 64, pad_frac: float = 0.25, pad_slack: int = 64,
-                 solo_tokens: int = 1024) -> list[list[int]]:
+                 prefill_tokens: int = 256) -> list[list[int]]:
     """Group prompt indices into batches, longest first.
 
-    A batch is padded to its longest prompt plus ``max_new_tokens``; it takes rows while
-    ``rows * (longest + max_new_tokens) <= token_budget`` (at least one row, so a single prompt
-    over the budget still runs alone) and while a row's padding stays under
-    ``max(pad_slack, pad_frac * longest)`` tokens: one 2,000-token prompt must not make seven
-    short ones pay for a 2,000-token prefill. Prompts over ``solo_tokens`` run alone: measured
-    on CPU, masked (padded) attention over such long contexts costs more than batching saves.
-    Longest first surfaces out-of-memory at once.
+    A batch takes rows while ``rows * (longest + max_new_tokens) <= token_budget`` (at least one
+    row, so a single prompt over the budget still runs alone). Short prompts are left-padded
+    into one prefill, so a row's padding must also stay under ``max(pad_slack, pad_frac *
+    longest)`` tokens: one 2,000-token prompt must not make seven short ones pay for a
+    2,000-token prefill. Prompts of ``prefill_tokens`` or more are prefilled one by one (see
+    `HFGenerator`) and only decode together, so padding costs them nothing but cache reads and
+    only the budget binds. Longest first surfaces out-of-memory at once.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
     longest = 0
     for i in order:
-        fits = bool(current) and len(current) < max_batch_size and longest <= solo_tokens \
+        fits = bool(current) and len(current) < max_batch_size \
             and (len(current) + 1) * (longest + max_new_tokens) <= token_budget \
-            and longest - lengths[i] <= max(pad_slack, pad_frac * longest)
+            and (lengths[i] >= prefill_tokens if longest >= prefill_tokens else
+                 longest - lengths[i] <= max(pad_slack, pad_frac * longest))
         if fits:
             current.append(i)
             continue
@@ -164,7 +166,7 @@ class HFGenerator:
                 runnable.append(i)
         lengths = [len(prompts[i]) for i in runnable]
         for n, batch in enumerate(plan_batches(lengths, params.max_new_tokens, token_budget,
-                                               max_batch_size)):
+                                               max_batch_size, prefill_tokens=PREFILL_TOKENS)):
             idx = [runnable[b] for b in batch]
             outs = self._generate_safe([prompts[i] for i in idx], params, seed_offset=n)
             for i, out in zip(idx, outs, strict=True):
@@ -179,6 +181,8 @@ class HFGenerator:
         import torch
 
         try:
+            if len(batch) > 1 and min(len(p) for p in batch) >= PREFILL_TOKENS:
+                return self._generate_batch(batch, params, seed_offset, prefilled=True)
             return self._generate_batch(batch, params, seed_offset)
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":
@@ -190,8 +194,39 @@ class HFGenerator:
             return (self._generate_safe(batch[:half], params, seed_offset)
                     + self._generate_safe(batch[half:], params, seed_offset + 100_003))
 
+    def _prefill_cache(self, batch: list[Sequence[int]], width: int) -> Any | None:
+        """Each prompt but its last token through the model alone (no padding), the caches then
+        left-padded to ``width - 1`` and stacked: ``generate`` continues from there with one
+        token per row. None where the cache has other than plain per-layer keys/values (e.g.
+        sliding windows), which left padding would break."""
+        import torch
+        import torch.nn.functional as F
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        per_row = []
+        with torch.inference_mode():
+            for p in batch:
+                out = self.model(input_ids=torch.tensor([list(p[:-1])], device=self.device),
+                                 use_cache=True, logits_to_keep=1)
+                cache = out.cache
+                if not all(type(layer) is DynamicLayer for layer in cache.layers):
+                    return None
+                per_row.append([(layer.keys, layer.values) for layer in cache.layers])
+        layers = []
+        def left_pad(t: Any) -> Any:  # [1, heads, S, d] -> [1, heads, width - 1, d]
+            return F.pad(t, (0, 0, width - 1 - t.shape[2], 0))
+
+        for kvs in zip(*per_row, strict=True):  # one model layer: [(k, v) per row]
+            layers.append((torch.cat([left_pad(k) for k, _ in kvs]),
+                           torch.cat([left_pad(v) for _, v in kvs])))
+        return DynamicCache(layers)
+
     def _generate_batch(self, batch: list[Sequence[int]], params: SamplingParams,
-                        seed_offset: int) -> list[GenOutput]:
+                        seed_offset: int, prefilled: bool = False) -> list[GenOutput]:
+        """One ``generate`` call over left-padded rows. ``prefilled``: the prompts' caches are
+        built one by one first (`_prefill_cache`), so long prompts of different lengths decode
+        together without paying for a padded prefill."""
         import torch
         from transformers import GenerationConfig
 
@@ -213,10 +248,16 @@ class HFGenerator:
         if sample:  # reproducible per (seed, batch) on the same hardware and batching
             torch.manual_seed(params.seed * 1_000_003 + seed_offset)
         t0 = time.perf_counter()
+        extra = {}
+        if prefilled and (cache := self._prefill_cache(batch, width)) is not None:
+            extra["cache"] = cache
+        elif prefilled:  # no plain cache to pad: the rows run alone
+            return [o for i, p in enumerate(batch)
+                    for o in self._generate_batch([p], params, seed_offset + 7_919 * i)]
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids.to(self.device),
                                       attention_mask=mask.to(self.device),
-                                      generation_config=gen_cfg)
+                                      generation_config=gen_cfg, **extra)
         latency = time.perf_counter() - t0
         new = out[:, width:].tolist()
         return [self._finish(row, latency) for row in new]

@@ -67,7 +67,37 @@ def test_plan_batches_sorts_by_length_and_respects_the_budget() -> None:
         assert len(b) == 1 or len(b) * width <= 200
         assert len(b) <= 3
     assert plan_batches([3, 3, 3], 1, 1) == [[0], [1], [2]]  # batch size 1
-    assert plan_batches([2000, 1990, 40, 30], 8, 10**6) == [[0], [1], [2, 3]]  # long: alone
+    # long prompts are prefilled one by one, so only the budget groups them; short ones pad
+    assert plan_batches([2000, 300, 40, 30], 8, 10**6) == [[0, 1], [2, 3]]
+    assert plan_batches([2000, 300, 40, 30], 8, 4000) == [[0], [1], [2, 3]]
+    assert plan_batches([250, 40], 8, 10**6) == [[0], [1]]  # 210 pad tokens: too many
+
+
+def test_long_prompts_prefilled_alone_then_decoded_together_match_batch_one(smollm2_dir: Path
+                                                                            ) -> None:
+    """Prompts of different lengths over PREFILL_TOKENS share one decode over a left-padded
+    cache built from unpadded prefills; greedy outputs equal batch 1's."""
+    from dflash_models.generation import PREFILL_TOKENS
+
+    backend = get_backend("hf", smollm2_dir)
+    tok = backend.tokenizer
+    filler = "The harbour town woke slowly; gulls argued over the nets while the tide turned. "
+    ids = [encode_prompt(tok, render_prompt(tok, [{"role": "user", "content": filler * n + q}]))
+           for n, q in ((18, "Summarise the story."), (30, "What did the gulls do?"))]
+    assert min(len(p) for p in ids) >= PREFILL_TOKENS and len({len(p) for p in ids}) == 2
+    assert plan_batches([len(p) for p in ids], 6, 16384) == [[1, 0]]
+    cache = backend.gen._prefill_cache(ids, max(len(p) for p in ids))  # the path, not a fallback
+    assert cache is not None and cache.get_seq_length() == max(len(p) for p in ids) - 1
+    rows = [GenRow(str(i), [], "", p) for i, p in enumerate(ids)]
+    params = SamplingParams(max_new_tokens=6)
+    together = backend.generate(rows, params)
+    backend.token_budget, backend.max_batch_size = 1, 1
+    try:
+        alone = backend.generate(rows, params)
+    finally:
+        backend.token_budget, backend.max_batch_size = 16384, 64
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert all(len(o.token_ids) > 0 for o in together)
 
 
 def test_layout_keeps_dependent_turns_with_their_parent() -> None:
