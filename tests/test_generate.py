@@ -12,7 +12,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,6 +75,17 @@ def test_plan_batches_sorts_by_length_and_respects_the_budget() -> None:
     assert plan_batches([250, 40], 8, 10**6) == [[0], [1]]  # 210 pad tokens: too many
 
 
+@contextmanager
+def batch_one(backend: Any) -> Iterator[None]:
+    """The hf backend as a batch-1 generator for the duration (the bench's baseline)."""
+    budget, size = backend.token_budget, backend.max_batch_size
+    backend.token_budget, backend.max_batch_size = 1, 1
+    try:
+        yield
+    finally:
+        backend.token_budget, backend.max_batch_size = budget, size
+
+
 def test_long_prompts_prefilled_alone_then_decoded_together_match_batch_one(smollm2_dir: Path
                                                                             ) -> None:
     """Prompts of different lengths over PREFILL_TOKENS share one decode over a left-padded
@@ -91,11 +104,8 @@ def test_long_prompts_prefilled_alone_then_decoded_together_match_batch_one(smol
     rows = [GenRow(str(i), [], "", p) for i, p in enumerate(ids)]
     params = SamplingParams(max_new_tokens=6)
     together = backend.generate(rows, params)
-    backend.token_budget, backend.max_batch_size = 1, 1
-    try:
+    with batch_one(backend):
         alone = backend.generate(rows, params)
-    finally:
-        backend.token_budget, backend.max_batch_size = 16384, 64
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
     assert all(len(o.token_ids) > 0 for o in together)
 
@@ -139,14 +149,11 @@ def test_hf_backend_batched_greedy_matches_batch_one_and_honours_eos(smollm2_dir
     rows = [GenRow(str(i), [], "", p) for i, p in enumerate(ids)]
     params = SamplingParams(max_new_tokens=8)
     batched = backend.generate(rows, params)
-    backend.token_budget, backend.max_batch_size = 1, 1
-    try:
+    with batch_one(backend):
         single = backend.generate(rows, params)
         sample = SamplingParams(max_new_tokens=4, temperature=0.9, seed=7)
         s1, s2 = backend.generate(rows[:2], sample), backend.generate(rows[:2], sample)
         s3 = backend.generate(rows[:2], SamplingParams(max_new_tokens=4, temperature=0.9, seed=8))
-    finally:
-        backend.token_budget, backend.max_batch_size = 16384, 64
     assert [o.token_ids for o in batched] == [o.token_ids for o in single]
     yes = batched[1]  # "Say only the word yes." stops on EOS well before 8 tokens
     assert yes.finish_reason == "stop" and yes.token_ids[-1] in backend.eos_ids

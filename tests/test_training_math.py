@@ -125,14 +125,20 @@ def test_batched_forward_matches_single_and_padding() -> None:
     torch.testing.assert_close(both[1:, :8], second)
 
 
-def test_training_step_learns() -> None:
-    """A few AdamW steps on one sequence lower the loss and raise tau: gradients flow."""
+def _one_sequence() -> tuple:
+    """A tiny target/draft pair and one 24-token sequence: features, 8 anchors, block-4 labels."""
     target, draft = _tiny_pair()
     ids = torch.randint(0, 40, (1, 24))
     with torch.no_grad():
         feats = target.forward(ids, layer_ids=draft.config.target_layer_ids).features
     anchors = sample_anchors(4, 24, 8, 4, torch.Generator().manual_seed(0))
     labels = build_training_batch(ids[0], anchors, 4, 47).labels[None]
+    return target, draft, ids, feats, anchors, labels
+
+
+def test_training_step_learns() -> None:
+    """A few AdamW steps on one sequence lower the loss and raise tau: gradients flow."""
+    target, draft, ids, feats, anchors, labels = _one_sequence()
     opt = torch.optim.AdamW(draft.parameters(), lr=1e-2)
     losses = []
     for _ in range(30):
@@ -176,12 +182,7 @@ def test_cpu_bf16_autocast_trains_in_bf16_with_fp32_weights() -> None:
     stays within bf16 rounding of the fp32 loss; off, the context changes nothing."""
     from dflash_models.trainer import autocast_context, cpu_has_native_bf16
 
-    target, draft = _tiny_pair()
-    ids = torch.randint(0, 40, (1, 24))
-    with torch.no_grad():
-        feats = target.forward(ids, layer_ids=draft.config.target_layer_ids).features
-    anchors = sample_anchors(4, 24, 8, 4, torch.Generator().manual_seed(0))
-    labels = build_training_batch(ids[0], anchors, 4, 47).labels[None]
+    target, draft, ids, feats, anchors, labels = _one_sequence()
     cpu = torch.device("cpu")
     losses = {}
     for on in (False, True):
