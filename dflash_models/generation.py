@@ -3,7 +3,8 @@
 Kept free of storage and Prefect so the same code serves the ``generate`` stage, the benchmark
 script and tests. Throughput on small hardware comes from batching (a 2-core CPU runs
 SmolLM2-135M at ~28 tokens/s alone and ~3x that in batches), so prompts are sorted by length,
-left-padded and grouped into batches whose padded size fits a token budget.
+left-padded and grouped into batches whose padded size fits a token budget. Long prompts are
+prefilled one by one and only their decoding is batched (`HFGenerator._prefill_cache`).
 """
 
 from __future__ import annotations
