@@ -214,10 +214,11 @@ class HFGenerator:
                 if not all(type(layer) is DynamicLayer for layer in cache.layers):
                     return None
                 per_row.append([(layer.keys, layer.values) for layer in cache.layers])
-        layers = []
+
         def left_pad(t: Any) -> Any:  # [1, heads, S, d] -> [1, heads, width - 1, d]
             return F.pad(t, (0, 0, width - 1 - t.shape[2], 0))
 
+        layers = []
         for kvs in zip(*per_row, strict=True):  # one model layer: [(k, v) per row]
             layers.append((torch.cat([left_pad(k) for k, _ in kvs]),
                            torch.cat([left_pad(v) for _, v in kvs])))
