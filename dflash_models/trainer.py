@@ -266,15 +266,20 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_bf16_on(device: torch.device, cpu_bf16: bool | str) -> bool:
+    """Whether training on ``device`` autocasts to bf16 on CPU (``"auto"``: where the CPU has
+    native bf16)."""
+    return device.type == "cpu" and (cpu_bf16 is True or cpu_bf16 == "auto" and
+                                     cpu_has_native_bf16())
+
+
 def autocast_context(device: torch.device, bf16: bool, cpu_bf16: bool | str = False) -> Any:
     """bf16 autocast (weights and optimiser stay fp32): on CUDA with ``bf16``; on CPU only with
-    ``cpu_bf16`` (``"auto"``: where `cpu_has_native_bf16`), because it pays only where the CPU
-    multiplies bf16 natively (~2.3x fp32 on this project's Zen 4 box) and costs time where it
-    emulates it."""
+    ``cpu_bf16`` (see `cpu_bf16_on`), because it pays only where the CPU multiplies bf16
+    natively (~2.3x fp32 on this project's Zen 4 box) and costs time where it emulates it."""
     if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and (cpu_bf16 is True or cpu_bf16 == "auto" and
-                                 cpu_has_native_bf16()):
+    if cpu_bf16_on(device, cpu_bf16):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 

@@ -45,11 +45,11 @@ from dflash_models.trainer import (
     WEIGHTS,
     DistInfo,
     all_reduce_sum,
-    autocast_context,
     barrier,
     build_optimizer,
     build_scheduler,
     checkpoint_blobs,
+    cpu_bf16_on,
     init_distributed,
     load_trainable_state,
     plan_step,
@@ -177,8 +177,7 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
                                                                target.vocab_size, taught)
     head = VocabHead(target, draft_ids)
     summary["draft_config"] = dcfg.to_hf_dict()
-    summary["cpu_bf16"] = info.device.type == "cpu" and isinstance(
-        autocast_context(info.device, cfg.bf16, cfg.cpu_bf16), torch.autocast)
+    summary["cpu_bf16"] = cpu_bf16_on(info.device, cfg.cpu_bf16)
     summary["dflash"] = run_phase(dflash_phase(ctx, target, draft, head, source, data,
                                                 eval_rows, total, draft_ids), ctx)
     if cfg.classic_layers > 0:

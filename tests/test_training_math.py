@@ -180,7 +180,7 @@ def test_distillation_targets_and_loss() -> None:
 def test_cpu_bf16_autocast_trains_in_bf16_with_fp32_weights() -> None:
     """``cpu_bf16``: the draft's matmuls run in bf16 (weights and grads stay fp32) and the loss
     stays within bf16 rounding of the fp32 loss; off, the context changes nothing."""
-    from dflash_models.trainer import autocast_context, cpu_has_native_bf16
+    from dflash_models.trainer import autocast_context, cpu_bf16_on, cpu_has_native_bf16
 
     target, draft, ids, feats, anchors, labels = _one_sequence()
     cpu = torch.device("cpu")
@@ -198,3 +198,4 @@ def test_cpu_bf16_autocast_trains_in_bf16_with_fp32_weights() -> None:
     assert losses[True] != losses[False]
     native = cpu_has_native_bf16()
     assert isinstance(autocast_context(cpu, False, "auto"), torch.autocast) == native
+    assert cpu_bf16_on(cpu, "auto") == native and not cpu_bf16_on(cpu, False)
