@@ -24,6 +24,7 @@ Two ways to get them:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,7 +98,7 @@ class FeatureRow:
 @torch.no_grad()
 def target_pass(target: Any, seqs: Sequence[Tensor], layer_ids: Sequence[int],
                 dtype: torch.dtype | None = None, greedy: bool = True,
-                keep_last: bool = False) -> list[FeatureRow]:
+                keep_last: bool = False, cpu_bf16: bool = False) -> list[FeatureRow]:
     """Features (and greedy next tokens) of right-padded sequences in one batched forward.
 
     Right padding keeps every real position's causal context identical to an unpadded pass
@@ -105,6 +106,11 @@ def target_pass(target: Any, seqs: Sequence[Tensor], layer_ids: Sequence[int],
     batch it rode in, up to float rounding. ``greedy=False`` skips the LM head: training
     batches never read the greedy tokens, only tau_sim's held-out rows do. ``keep_last`` keeps
     the final hidden states, from which distillation takes the target's distributions.
+
+    ``cpu_bf16`` runs the decoder layers of a CPU target under bf16 autocast (~1.6x faster on a
+    CPU with native bf16) but the LM head in fp32, because bf16 logits turn near-ties into
+    ties: on SmolLM2 the greedy tokens then agree with the exact pass on ~99% of positions
+    (97.7% with a bf16 head) and the features differ by ~0.4% (they are stored in bf16 anyway).
     """
     lengths = [int(s.shape[0]) for s in seqs]
     L = max(lengths)
@@ -113,7 +119,12 @@ def target_pass(target: Any, seqs: Sequence[Tensor], layer_ids: Sequence[int],
     for i, s in enumerate(seqs):
         ids[i, : lengths[i]] = s
         attn[i, : lengths[i]] = 1
-    last, feats = target.hidden(ids.to(target.device), attn.to(target.device), list(layer_ids))
+    amp = (torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 and target.device.type == "cpu"
+           else nullcontext())
+    with amp:
+        last, feats = target.hidden(ids.to(target.device), attn.to(target.device),
+                                    list(layer_ids))
+    last = last.to(target.dtype)
     feats = feats if dtype is None else feats.to(dtype)
     # argmax is unchanged by soft-capping and scaling, but lm_head applies them anyway
     nxt = target.lm_head(last).argmax(-1) if greedy else None  # [Bt, L]: token at p + 1
@@ -132,13 +143,14 @@ class OnlineFeatures:
     mode = "online"
 
     def __init__(self, target: Any, layer_ids: Sequence[int], examples: Sequence[Example],
-                 keep_last: bool = False, greedy: bool = False) -> None:
+                 keep_last: bool = False, greedy: bool = False, cpu_bf16: bool = False) -> None:
         self.target, self.layer_ids, self.examples = target, list(layer_ids), examples
-        self.keep_last, self.greedy = keep_last, greedy
+        self.keep_last, self.greedy, self.cpu_bf16 = keep_last, greedy, cpu_bf16
 
     def get(self, indices: Sequence[int]) -> list[FeatureRow]:
         return target_pass(self.target, [self.examples[i].ids for i in indices], self.layer_ids,
-                           greedy=self.greedy, keep_last=self.keep_last)
+                           greedy=self.greedy, keep_last=self.keep_last,
+                           cpu_bf16=self.cpu_bf16)
 
 
 class CachedFeatures:

@@ -195,15 +195,21 @@ class HFGenerator:
             return (self._generate_safe(batch[:half], params, seed_offset)
                     + self._generate_safe(batch[half:], params, seed_offset + 100_003))
 
-    def _prefill_cache(self, batch: list[Sequence[int]], width: int) -> Any | None:
+    def _prefill_cache(self, batch: list[Sequence[int]], width: int, max_new: int) -> Any | None:
         """Each prompt but its last token through the model alone (no padding), the caches then
-        left-padded to ``width - 1`` and stacked: ``generate`` continues from there with one
-        token per row. None where the cache has other than plain per-layer keys/values (e.g.
-        sliding windows), which left padding would break."""
+        left-padded to ``width - 1`` and written into one preallocated ``StaticCache`` with room
+        for ``max_new`` more tokens: ``generate`` continues from there with one token per row.
+
+        Static, because long rows make decoding memory-bound on the cache: a dynamic cache
+        re-concatenates every layer's keys and values at every step (a full copy), a static one
+        writes the new token in place (7 rows at ~2K tokens: ~300 -> ~200 ms a step here).
+        None where a cache has other than plain per-layer keys/values (e.g. sliding windows),
+        which left padding would break.
+        """
         import torch
         import torch.nn.functional as F
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
+        from transformers import StaticCache
+        from transformers.cache_utils import DynamicLayer, StaticLayer
 
         per_row = []
         with torch.inference_mode():
@@ -214,15 +220,19 @@ class HFGenerator:
                 if not all(type(layer) is DynamicLayer for layer in cache.layers):
                     return None
                 per_row.append([(layer.keys, layer.values) for layer in cache.layers])
+        static = StaticCache(config=self.model.config, max_cache_len=width + max_new)
+        if len(static.layers) != len(per_row[0]) or \
+                not all(type(layer) is StaticLayer for layer in static.layers):
+            return None
 
         def left_pad(t: Any) -> Any:  # [1, heads, S, d] -> [1, heads, width - 1, d]
             return F.pad(t, (0, 0, width - 1 - t.shape[2], 0))
 
-        layers = []
-        for kvs in zip(*per_row, strict=True):  # one model layer: [(k, v) per row]
-            layers.append((torch.cat([left_pad(k) for k, _ in kvs]),
-                           torch.cat([left_pad(v) for _, v in kvs])))
-        return DynamicCache(layers)
+        with torch.inference_mode():
+            for layer, kvs in zip(static.layers, zip(*per_row, strict=True), strict=True):
+                layer.update(torch.cat([left_pad(k) for k, _ in kvs]),
+                             torch.cat([left_pad(v) for _, v in kvs]))
+        return static
 
     def _generate_batch(self, batch: list[Sequence[int]], params: SamplingParams,
                         seed_offset: int, prefilled: bool = False) -> list[GenOutput]:
@@ -251,7 +261,7 @@ class HFGenerator:
             torch.manual_seed(params.seed * 1_000_003 + seed_offset)
         t0 = time.perf_counter()
         extra = {}
-        if prefilled and (cache := self._prefill_cache(batch, width)) is not None:
+        if prefilled and (cache := self._prefill_cache(batch, width, max_new)) is not None:
             extra["cache"] = cache
         elif prefilled:  # no plain cache to pad: the rows run alone
             return [o for i, p in enumerate(batch)

@@ -76,6 +76,11 @@ class TrainConfig(BaseModel):
     # --- target features
     features: Literal["online", "cached"] = "cached"
     feature_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    feature_cpu_bf16: bool | Literal["auto"] = Field(
+        False, description="the training examples' target pass (cached or online) under bf16 "
+        "autocast on CPU, LM head in fp32: ~1.6x faster where the CPU has native bf16; the "
+        "greedy labels agree with the exact pass on ~99% of tokens. Held-out tau_sim always "
+        "uses the exact pass. auto = where the CPU has native bf16")
     # --- optimiser
     lr: float = Field(6e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -181,8 +186,12 @@ def resolve_target(target: Manifest | str | Path, store: Store | None = None
     return folder, FolderInput(folder, folder_digest(folder))
 
 
-def features_config(cfg: TrainConfig, layer_ids: list[int]) -> FeaturesConfig:
-    return FeaturesConfig(layer_ids=layer_ids, dtype=cfg.feature_dtype, selection=cfg.selection())
+def features_config(cfg: TrainConfig, layer_ids: list[int], train_cpu_bf16: bool
+                    ) -> FeaturesConfig:
+    """The features stage's config; ``train_cpu_bf16`` is ``feature_cpu_bf16`` resolved on the
+    training device (the key records what was computed, not the request)."""
+    return FeaturesConfig(layer_ids=layer_ids, dtype=cfg.feature_dtype,
+                          train_cpu_bf16=train_cpu_bf16, selection=cfg.selection())
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -215,7 +224,8 @@ def run_train(store: Store, cfg: TrainConfig, target_manifest_or_folder: Manifes
 
 def _extra(summary: dict[str, Any]) -> dict[str, Any]:
     keep = ("data_mix", "dflash", "classic", "feature_bytes_per_token", "features_mode",
-            "features_key", "draft_vocab", "draft_config", "cpu_bf16", "resumed_from", "wall_s")
+            "features_key", "draft_vocab", "draft_config", "cpu_bf16", "feature_cpu_bf16",
+            "resumed_from", "wall_s")
     return {k: summary[k] for k in keep if k in summary}
 
 

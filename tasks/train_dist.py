@@ -141,10 +141,11 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
     summary: dict[str, Any] = {"data_mix": data.mix, "features_mode": cfg.features,
                                "feature_bytes_per_token": bytes_per_token(
                                    len(layer_ids), target.hidden_size, cfg.feature_dtype)}
+    summary["feature_cpu_bf16"] = feature_bf16 = cpu_bf16_on(info.device, cfg.feature_cpu_bf16)
     if cfg.features == "cached":
         from tasks.train import features_config
 
-        fcfg = features_config(cfg, layer_ids)
+        fcfg = features_config(cfg, layer_ids, feature_bf16)
         inputs = {"target": _Ref(job.target_digest), "filter": filter_m}
         if info.main:  # one builder; the other ranks then find it committed
             run_features(store, fcfg, inputs, target, data)
@@ -155,7 +156,7 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
         summary["features_key"] = fm.key
     else:
         source = OnlineFeatures(target, layer_ids, data.train, keep_last=cfg.distill > 0,
-                                greedy=cfg.labels == "target")
+                                greedy=cfg.labels == "target", cpu_bf16=feature_bf16)
         eval_rows = _compute_rows(target, data.eval, layer_ids) if info.main else {}
     steps_per_epoch = len(data.train) // global_batch
     total = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))

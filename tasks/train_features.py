@@ -88,9 +88,9 @@ def load_split(store: Store, manifest: Manifest, table: str) -> pa.Table:
 
 def select_data(train: pa.Table, eval_: pa.Table, tokenizer: Any, eos_id: int | None,
                 sel: DataSelection) -> TrainData:
-    """Deterministic example selection: seeded row orders per source, then a seeded interleave
-    cut at the token budget (so a smaller budget is a prefix of a larger one)."""
-    from dflash_models.features import make_example, original_response_ids
+    """Deterministic example selection: seeded row orders per source, then the token budget
+    filled with regenerated examples first, then originals (each in a seeded order)."""
+    from dflash_models.features import SOURCES, make_example, original_response_ids
 
     prompts = train.column("prompt_token_ids").to_pylist()
     responses = train.column("response_token_ids").to_pylist()
@@ -112,12 +112,17 @@ def select_data(train: pa.Table, eval_: pa.Table, tokenizer: Any, eos_id: int | 
             ex = make_example(prompts[r], resp, "original", r, sel.max_seq_len)
             if ex is not None:
                 cands.append(ex)
+    # The budget cuts originals before regenerated answers: those cost a generation each, were
+    # asked for one by one, and alone teach whole greedy chains (an original mostly teaches
+    # offset 1). Within a source the order is seeded, so a smaller budget is a prefix.
     chosen, tokens = [], 0
-    for i in _seeded_order(len(cands), sel.seed, 3):
-        if sel.max_train_tokens is not None and tokens >= sel.max_train_tokens:
-            break
-        chosen.append(cands[i])
-        tokens += cands[i].response_tokens
+    for src in SOURCES:
+        pool = [e for e in cands if e.source == src]
+        for i in _seeded_order(len(pool), sel.seed, 3):
+            if sel.max_train_tokens is not None and tokens >= sel.max_train_tokens:
+                break
+            chosen.append(pool[i])
+            tokens += pool[i].response_tokens
     ev_p = eval_.column("prompt_token_ids").to_pylist()
     ev_r = eval_.column("response_token_ids").to_pylist()
     evals = []
@@ -156,6 +161,7 @@ class FeaturesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     layer_ids: list[int]
     dtype: str = "bfloat16"
+    train_cpu_bf16: bool = False  # train split from a bf16-autocast target pass (eval: exact)
     selection: DataSelection
     shard_tokens: int = 16384  # ~75 MB of bf16 features for a 4-layer H=576 target
     batch_tokens: int = 2048  # padded tokens per target forward while building
@@ -182,6 +188,7 @@ def run_features(store: Store, cfg: FeaturesConfig, inputs: dict[str, Any], targ
         tgt = target
         done = out.recorded()
         summary: dict[str, Any] = {"layer_ids": cfg.layer_ids, "dtype": cfg.dtype,
+                                   "train_cpu_bf16": cfg.train_cpu_bf16,
                                    "bytes_per_token": bytes_per_token(
                                        len(cfg.layer_ids), tgt.hidden_size, cfg.dtype),
                                    "splits": {}}
@@ -197,7 +204,8 @@ def run_features(store: Store, cfg: FeaturesConfig, inputs: dict[str, Any], targ
                 for j in todo:
                     rows: dict[int, FeatureRow] = {}
                     for batch in length_batches(shards[j], exs, cfg.batch_tokens):
-                        got = target_pass(tgt, [exs[i].ids for i in batch], cfg.layer_ids)
+                        got = target_pass(tgt, [exs[i].ids for i in batch], cfg.layer_ids,
+                                          cpu_bf16=cfg.train_cpu_bf16 and split == "train")
                         rows.update(zip(batch, got, strict=True))
                     idx = shards[j]
                     data_bytes = pack_shard(idx, [rows[i] for i in idx], cfg.dtype)

@@ -99,7 +99,7 @@ def test_long_prompts_prefilled_alone_then_decoded_together_match_batch_one(smol
            for n, q in ((18, "Summarise the story."), (30, "What did the gulls do?"))]
     assert min(len(p) for p in ids) >= PREFILL_TOKENS and len({len(p) for p in ids}) == 2
     assert plan_batches([len(p) for p in ids], 6, 16384) == [[1, 0]]
-    cache = backend.gen._prefill_cache(ids, max(len(p) for p in ids))  # the path, not a fallback
+    cache = backend.gen._prefill_cache(ids, max(len(p) for p in ids), 6)  # the path, no fallback
     assert cache is not None and cache.get_seq_length() == max(len(p) for p in ids) - 1
     rows = [GenRow(str(i), [], "", p) for i, p in enumerate(ids)]
     params = SamplingParams(max_new_tokens=6)

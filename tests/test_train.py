@@ -250,7 +250,7 @@ def test_online_and_cached_features_give_the_same_loss(tmp_path: Path, tiny_targ
     for dtype in ("float32", "bfloat16"):
         cfg = TrainConfig.tiny(features="cached", feature_dtype=dtype, target_layer_ids=layer_ids)
         data = load_data(store, fm, target, cfg.selection())
-        fman = run_features(store, features_config(cfg, layer_ids),
+        fman = run_features(store, features_config(cfg, layer_ids, False),
                             {"target": ref, "filter": fm}, target, data)
         assert fman.extra["bytes_per_token"] == bytes_per_token(3, 64, dtype)
         stored = sum(f.size for f in fman.files if f.path.endswith(".safetensors"))
@@ -265,6 +265,32 @@ def test_online_and_cached_features_give_the_same_loss(tmp_path: Path, tiny_targ
     alone = target_pass(target, [data.train[3].ids], layer_ids)[0].features
     torch.testing.assert_close(OnlineFeatures(target, layer_ids, data.train).get(idx)[1].features,
                                alone, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_feature_pass_is_close_and_only_for_the_train_split(
+        tmp_path: Path, tiny_target_dir: Path, tiny_rows: list[dict]) -> None:
+    """``feature_cpu_bf16``: the train split's features come from a bf16-autocast pass (close to
+    the exact one, not equal), the held-out split's are exact, and the key tells them apart."""
+    store, fm = tiny_store(tmp_path, tiny_rows)
+    target = load_target(tiny_target_dir, device="cpu")
+    _, ref = resolve_target(tiny_target_dir)
+    layer_ids = [1, 3, 5]
+    cfg = TrainConfig.tiny(features="cached", target_layer_ids=layer_ids)
+    data = load_data(store, fm, target, cfg.selection())
+    exact, fast = (run_features(store, features_config(cfg, layer_ids, bf16),
+                                {"target": ref, "filter": fm}, target, data)
+                   for bf16 in (False, True))
+    assert exact.key != fast.key and fast.extra["train_cpu_bf16"] is True
+    for split in ("train", "eval"):
+        a, b = read_features(store, exact, split), read_features(store, fast, split)
+        assert a.keys() == b.keys() and a
+        fa = torch.cat([a[i].features.float() for i in sorted(a)])
+        fb = torch.cat([b[i].features.float() for i in sorted(b)])
+        if split == "eval":
+            assert torch.equal(fa, fb)
+        else:
+            assert not torch.equal(fa, fb)
+            assert (fa - fb).norm() / fa.norm() < 0.05
 
 
 def test_padded_batch_blocks_see_only_context_before_their_anchor(tiny_target_dir: Path
@@ -313,6 +339,12 @@ def test_data_mix_is_configurable_and_recorded(tmp_path: Path, tiny_target_dir: 
     assert {e.source for e in orig.train} == {"original"}
     assert both.mix["sources"]["original"]["sequences"] == len(tiny_rows) - 4
     assert 150 <= half.mix["response_tokens"] < 150 + 40
+    # the budget cuts originals first: exactly the regenerated tokens' worth keeps them all
+    regen = both.mix["sources"]["regenerated"]
+    cut = load_data(store, fm, target, DataSelection(max_train_tokens=regen["response_tokens"],
+                                                     max_seq_len=96))
+    assert cut.mix["sources"]["regenerated"] == regen
+    assert cut.mix["sources"]["original"]["sequences"] == 0
     # an original answer is the source text in the target's tokens, closed by end-of-turn
     ex = orig.train[0]
     text = target.tokenizer.decode(ex.ids[ex.response_start:-1])
