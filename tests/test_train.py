@@ -17,6 +17,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -325,6 +326,20 @@ def test_padded_batch_blocks_see_only_context_before_their_anchor(tiny_target_di
             assert not torch.allclose(out[1, 4 * (n + 1):8], base[1, 4 * (n + 1):8])
     alone = hidden([ids[1]], [feats[1]], [anchors[1]])
     torch.testing.assert_close(alone[0], base[1, :8], rtol=1e-4, atol=1e-5)
+
+
+def test_time_budget_is_also_a_deadline(tmp_path: Path, tiny_target_dir: Path,
+                                        tiny_rows: list[dict], monkeypatch: Any) -> None:
+    """Steps that turn out slower than the up-front plan (here: a throttle the calibration does
+    not see) stop at the budget, not at the planned step count, and still export a draft."""
+    store, fm = tiny_store(tmp_path, tiny_rows)
+    monkeypatch.setenv("DFLASH_TRAIN_THROTTLE_S", "0.5")
+    m = run_train(store, TrainConfig.tiny(max_steps=200, eval_every=0, checkpoint_every=1000,
+                                          classic_layers=0, time_budget_min=0.05),
+                  tiny_target_dir, fm)
+    steps = m.extra["dflash"]["steps"]
+    assert 1 <= steps <= 3 / 0.5 + 2  # 3 s of budget at >= 0.5 s a step, not the ~100+ planned
+    assert any(f.path.startswith("dflash-draft/") for f in m.files)
 
 
 def test_data_mix_is_configurable_and_recorded(tmp_path: Path, tiny_target_dir: Path,
