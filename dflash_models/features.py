@@ -24,7 +24,6 @@ Two ways to get them:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +31,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
+
+from dflash_models.trainer import autocast_context
 
 SOURCES = ("regenerated", "original")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -119,9 +120,7 @@ def target_pass(target: Any, seqs: Sequence[Tensor], layer_ids: Sequence[int],
     for i, s in enumerate(seqs):
         ids[i, : lengths[i]] = s
         attn[i, : lengths[i]] = 1
-    amp = (torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 and target.device.type == "cpu"
-           else nullcontext())
-    with amp:
+    with autocast_context(target.device, False, cpu_bf16):  # CPU only: a CUDA target is bf16
         last, feats = target.hidden(ids.to(target.device), attn.to(target.device),
                                     list(layer_ids))
     last = last.to(target.dtype)

@@ -211,6 +211,9 @@ class HFGenerator:
         from transformers import StaticCache
         from transformers.cache_utils import DynamicLayer, StaticLayer
 
+        static = StaticCache(config=self.model.config, max_cache_len=width + max_new)
+        if not all(type(layer) is StaticLayer for layer in static.layers):
+            return None  # known before any prefill work
         per_row = []
         with torch.inference_mode():
             for p in batch:
@@ -220,9 +223,7 @@ class HFGenerator:
                 if not all(type(layer) is DynamicLayer for layer in cache.layers):
                     return None
                 per_row.append([(layer.keys, layer.values) for layer in cache.layers])
-        static = StaticCache(config=self.model.config, max_cache_len=width + max_new)
-        if len(static.layers) != len(per_row[0]) or \
-                not all(type(layer) is StaticLayer for layer in static.layers):
+        if len(static.layers) != len(per_row[0]):
             return None
 
         def left_pad(t: Any) -> Any:  # [1, heads, S, d] -> [1, heads, width - 1, d]
