@@ -63,6 +63,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
+def retarget_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
+    """Move a ``build_scheduler`` schedule's end to ``total_steps`` from the next step on (the
+    warm-up is kept): a time-budgeted run re-plans once its real pace is known."""
+    scheduler.lr_lambdas = [functools.partial(f.func, **{**f.keywords, "total_steps": total_steps})
+                            for f in scheduler.lr_lambdas]
+
+
 # ----------------------------------------------------------------------------- checkpoints
 WEIGHTS, OPTIM, STATE = "weights.safetensors", "optim.safetensors", "state.json"
 

@@ -77,6 +77,12 @@ class Progress:
             s += f", ETA {(self.total - self.done) * el / self.done:.0f}s"
         return s
 
+    def set_total(self, total: int) -> None:
+        """A re-planned amount of work (e.g. a time-budgeted training phase)."""
+        self.total = max(int(total), 0)
+        if self._bar is not None:
+            self._bar.update(self._task, total=self.total)
+
     def advance(self, n: int = 1, tokens: int = 0, note: str = "") -> None:
         self.done += n
         self.tokens += tokens

@@ -54,6 +54,7 @@ from dflash_models.trainer import (
     load_trainable_state,
     plan_step,
     restore_checkpoint,
+    retarget_scheduler,
     shutdown_distributed,
     train_step,
     weights_bytes,
@@ -221,17 +222,23 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
         barrier(info)
         return json.loads(store.read_bytes(f"{prefix}/{ckdir}/done.json"))
     model = wrap_ddp(ph.module, info)
-    total = _plan_total(ph, ctx, model, recorded)
-    opt = build_optimizer(ph.module, ph.lr, cfg.weight_decay)
-    sched = build_scheduler(opt, total, round(cfg.warmup_frac * total), cfg.min_lr_ratio)
+    planned, eval_s = _plan_total(ph, ctx, model, recorded)
+    warmup = round(cfg.warmup_frac * planned)  # the first plan's, whatever a re-plan says
     state: dict[str, Any] = {"step": 0, "metrics": [], "best": None, "wall_s": 0.0,
-                             "train_time_s": 0.0, "train_tokens": 0, "resumed_from": None}
+                             "train_time_s": 0.0, "train_tokens": 0, "resumed_from": None,
+                             "planned_steps": planned, "total_steps": planned,
+                             "replanned": False}
     last = _latest_checkpoint(recorded, ckdir)
-    if last is not None:
+    blobs, total = None, planned
+    if last is not None:  # a re-plan before the kill holds: the checkpoint recorded it
         blobs = {n: store.read_bytes(f"{prefix}/{last}/{n}") for n in (WEIGHTS, OPTIM, STATE)}
-        state = restore_checkpoint(blobs, ph.module, opt, sched)
+        total = int(json.loads(blobs[STATE]).get("total_steps") or planned)
+    opt = build_optimizer(ph.module, ph.lr, cfg.weight_decay)
+    sched = build_scheduler(opt, total, warmup, cfg.min_lr_ratio)
+    if blobs is not None:
+        state = {**state, **restore_checkpoint(blobs, ph.module, opt, sched)}
         state["resumed_from"] = state["step"]
-        log.info("train %s: resuming from step %d", ph.name, state["step"])
+        log.info("train %s: resuming from step %d of %d", ph.name, state["step"], total)
     t0, wall0 = time.perf_counter(), state["wall_s"]
     n, world = ctx.n_train, info.world
     global_batch = cfg.batch_size * cfg.grad_accum * world
@@ -239,7 +246,8 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
     with Progress(f"train {ph.name}", total=total, unit="steps",
                   artifact_key=f"train-{ph.name}", enabled=info.main) as prog:
         prog.advance(state["step"])
-        for step in range(state["step"], total):
+        step = state["step"]
+        while step < total:
             ts = time.perf_counter()
             plan = plan_step(step, n, cfg.seed, cfg.batch_size, cfg.grad_accum, world)
             mbs = [ph.prepare(idx, plan.epoch) for idx in plan.for_rank(info.rank)]
@@ -247,8 +255,11 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
                                      sum(ph.tokens(b) for b in mbs)], info)
             res = train_step(model, opt, sched, mbs, lambda b: ph.loss_sum(model, b), w, world,
                              cfg.grad_clip)
-            # the plan is made once, from forward/backward times; steps cost more in a long run
-            # (optimiser, checkpoints, a slower box), so the budget is also a deadline
+            throttle = float(os.environ.get("DFLASH_TRAIN_THROTTLE_S", "0") or 0)
+            if throttle:  # test hook: slower steps (kill tests, deadline and re-plan tests)
+                time.sleep(throttle)
+            # the plan is made from forward/backward times and re-made at the first checkpoint;
+            # a box that slows after that could still overrun, so the budget is also a deadline
             late = bool(ph.budget_s) and wall0 + time.perf_counter() - t0 >= ph.budget_s
             loss, late_ranks = all_reduce_sum([res.loss, float(late)], info)
             dt = time.perf_counter() - ts
@@ -269,23 +280,28 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
             row["wall_s"] = wall0 + time.perf_counter() - t0
             if s % cfg.log_every == 0 or "tau_sim" in row or end:
                 state["metrics"].append(row)
+            if ph.budget_s and not state["replanned"] and s == cfg.checkpoint_every and not end:
+                # the first checkpoint re-plans from the measured pace, so the cosine schedule
+                # ends at the budget instead of being cut by the deadline
+                total = _replan(ph, ctx, s, row["wall_s"], eval_s)
+                state.update(total_steps=total, replanned=True)
+                retarget_scheduler(sched, total)
+                prog.set_total(total)
             if info.main and s % cfg.checkpoint_every == 0 and not end:
                 state["wall_s"] = row["wall_s"]
                 _write_checkpoint(ph, ctx, opt, sched, state, s)
             note = f"loss {loss:.3f}" + (f" tau {row['tau_sim']:.2f}" if "tau_sim" in row else "")
             prog.advance(1, tokens=int(tok), note=note)
-            throttle = float(os.environ.get("DFLASH_TRAIN_THROTTLE_S", "0") or 0)
-            if throttle:  # test hook: slows steps so a kill test can land between checkpoints
-                time.sleep(throttle)
             if end:
                 break
+            step = s
     state["wall_s"] = row.get("wall_s", state["wall_s"])
     result = _finish_phase(ph, ctx, state) if info.main else {}
     barrier(info)
     return result
 
 
-def _plan_total(ph: Phase, ctx: Ctx, model: nn.Module, recorded: set[str]) -> int:
+def _plan_total(ph: Phase, ctx: Ctx, model: nn.Module, recorded: set[str]) -> tuple[int, float]:
     """The phase's step count: from epochs/max_steps, cut to fit ``budget_s`` if one is set.
 
     A budget is turned into steps ONCE, before the first optimiser step, so the cosine schedule
@@ -297,9 +313,10 @@ def _plan_total(ph: Phase, ctx: Ctx, model: nn.Module, recorded: set[str]) -> in
     """
     name = f"checkpoints/{ph.name}/plan.json"
     if not ph.budget_s:
-        return ph.total_steps
+        return ph.total_steps, 0.0
     if name in recorded:
-        return int(json.loads(ctx.store.read_bytes(f"{ctx.prefix}/{name}"))["total_steps"])
+        plan = json.loads(ctx.store.read_bytes(f"{ctx.prefix}/{name}"))
+        return int(plan["total_steps"]), float(plan["eval_s"])
     cfg, info = ctx.cfg, ctx.info
     per_epoch = ctx.n_train // (cfg.batch_size * cfg.grad_accum * info.world)
 
@@ -330,7 +347,27 @@ def _plan_total(ph: Phase, ctx: Ctx, model: nn.Module, recorded: set[str]) -> in
              step_s, eval_s, plan["total_steps"], ph.budget_s, ph.total_steps)
     if info.main:
         ctx.writer(name, json.dumps(plan, default=float).encode())
-    return plan["total_steps"]
+    return plan["total_steps"], eval_s
+
+
+REPLAN_MARGIN = 0.97  # of the time left: steps keep slowing a little over a long run
+
+
+def _replan(ph: Phase, ctx: Ctx, step: int, elapsed_s: float, eval_s: float) -> int:
+    """The phase's step count re-made at ``step`` from the pace measured so far.
+
+    The up-front plan times forward/backward passes only; the real pace (optimiser, data,
+    evaluations, a box that slows) was 10-30% slower for a 1-layer draft, so the deadline used
+    to cut the cosine schedule before its low-learning-rate end. Capped by the nominal count;
+    rank 0's figure holds on every rank, and the checkpoint records it for a resume.
+    """
+    left = ph.budget_s - elapsed_s - eval_s  # the final evaluation
+    fit = step + max(1, int(REPLAN_MARGIN * left / max(elapsed_s / step, 1e-9)))
+    (total,) = all_reduce_sum([float(min(ph.total_steps, fit)) if ctx.info.main else 0.0],
+                              ctx.info)
+    log.info("train %s: %.3f s/step measured over %d steps -> %d steps in all", ph.name,
+             elapsed_s / step, step, int(total))
+    return int(total)
 
 
 def _latest_checkpoint(recorded: set[str], ckdir: str) -> str | None:
@@ -382,7 +419,8 @@ def _finish_phase(ph: Phase, ctx: Ctx, state: dict[str, Any]) -> dict[str, Any]:
     for name, data in files.items():
         ctx.writer(name, data)
     last = state["metrics"][-1] if state["metrics"] else {}
-    result = {"steps": state["step"], "total_steps": state["step"], "best": best,
+    result = {"steps": state["step"], "planned_steps": state["planned_steps"],
+              "total_steps": state["total_steps"], "best": best,
               "last": {k: last.get(k) for k in ("step", "loss", "tau_sim", "acc", "eval_loss")},
               "tokens_per_s": state["train_tokens"] / max(state["train_time_s"], 1e-9),
               "train_tokens": state["train_tokens"], "train_time_s": state["train_time_s"],

@@ -42,6 +42,7 @@ from dflash_models.trainer import (
     lr_factor,
     plan_step,
     restore_checkpoint,
+    retarget_scheduler,
 )
 from dflash_models.training import IGNORE_INDEX, block_accuracy, sample_anchors
 from storage import StageOutput, Store, read_manifest
@@ -147,6 +148,18 @@ def test_schedule_warmup_and_cosine() -> None:
     assert lr_factor(10, 100, 10, 0.0) == pytest.approx(1.0)
     assert lr_factor(55, 100, 10, 0.0) == pytest.approx(0.5)
     assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    # a re-plan moves the end of the cosine, keeps the warm-up and what was already stepped
+    opt = build_optimizer(torch.nn.Linear(2, 2), 1.0, 0.0)
+    sched = build_scheduler(opt, 100, 10, 0.1)
+    for _ in range(20):
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(lr_factor(20, 100, 10, 0.1))
+    retarget_scheduler(sched, 40)
+    for _ in range(20):
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.1)  # the end: min_ratio at step 40
 
 
 def test_plan_step_splits_global_batch_across_ranks() -> None:
@@ -340,6 +353,35 @@ def test_time_budget_is_also_a_deadline(tmp_path: Path, tiny_target_dir: Path,
     steps = m.extra["dflash"]["steps"]
     assert 1 <= steps <= 3 / 0.5 + 2  # 3 s of budget at >= 0.5 s a step, not the ~100+ planned
     assert any(f.path.startswith("dflash-draft/") for f in m.files)
+
+
+def test_time_budget_replans_at_the_first_checkpoint(tmp_path: Path, tiny_target_dir: Path,
+                                                     tiny_rows: list[dict],
+                                                     monkeypatch: Any) -> None:
+    """The up-front plan misses what its calibration cannot see (here: a throttle); the first
+    checkpoint re-plans from the measured pace, so the schedule ends at the budget rather than
+    being cut, and later checkpoints record the new step count for a resume."""
+    import tasks.train_dist as td
+
+    store, fm = tiny_store(tmp_path, tiny_rows)
+    monkeypatch.setenv("DFLASH_TRAIN_THROTTLE_S", "0.25")
+    recorded: list[tuple[int, int]] = []  # (step, total_steps) of every checkpoint written
+    real = td._write_checkpoint
+
+    def spy(ph, ctx, opt, sched, state, s):
+        recorded.append((s, state["total_steps"]))
+        real(ph, ctx, opt, sched, state, s)
+
+    monkeypatch.setattr(td, "_write_checkpoint", spy)
+    m = run_train(store, TrainConfig.tiny(max_steps=400, eval_every=0, checkpoint_every=2,
+                                          classic_layers=0, time_budget_min=0.1),
+                  tiny_target_dir, fm)
+    d = m.extra["dflash"]
+    assert d["planned_steps"] > 60  # the calibration timed unthrottled passes
+    assert 2 < d["total_steps"] <= 6 / 0.25 + 2  # 6 s at >= 0.25 s a step
+    assert d["steps"] <= d["total_steps"]
+    assert recorded and recorded[0][0] == 2  # the first checkpoint carries the new plan
+    assert {t for _, t in recorded} == {d["total_steps"]}
 
 
 def test_data_mix_is_configurable_and_recorded(tmp_path: Path, tiny_target_dir: Path,
