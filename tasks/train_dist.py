@@ -258,8 +258,8 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
             throttle = float(os.environ.get("DFLASH_TRAIN_THROTTLE_S", "0") or 0)
             if throttle:  # test hook: slower steps (kill tests, deadline and re-plan tests)
                 time.sleep(throttle)
-            # the plan is made from forward/backward times and re-made at the first checkpoint;
-            # a box that slows after that could still overrun, so the budget is also a deadline
+            # the plan is made from forward/backward times and re-made at every checkpoint; a
+            # box that slows between checkpoints could still overrun: the budget is a deadline
             late = bool(ph.budget_s) and wall0 + time.perf_counter() - t0 >= ph.budget_s
             loss, late_ranks = all_reduce_sum([res.loss, float(late)], info)
             dt = time.perf_counter() - ts
@@ -304,12 +304,12 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
 def _plan_total(ph: Phase, ctx: Ctx, model: nn.Module, recorded: set[str]) -> tuple[int, float]:
     """The phase's step count: from epochs/max_steps, cut to fit ``budget_s`` if one is set.
 
-    A budget is turned into steps ONCE, before the first optimiser step, so the cosine schedule
-    still runs to its end; the plan is recorded so that a resumed run keeps it. The step time is
-    the mean forward/backward time of three batches spread over the first epoch, after one
-    untimed warm-up pass. That still underestimates a long run of a cheap (1-layer) draft's
-    steps, ~0.10 s planned against 0.118-0.133 s measured over its 7,000 steps (the optimiser,
-    checkpoints and a box that slows), so `run_phase` also stops at the budget as a deadline.
+    A budget is turned into steps before the first optimiser step (and recorded, so that a
+    resumed run keeps it): the mean forward/backward time of three batches spread over the
+    first epoch, after one untimed warm-up pass, plus one timed evaluation. That underestimates
+    a long run of a cheap (1-layer) draft, ~0.11 s planned against 0.12-0.15 s measured (the
+    optimiser, checkpoints and a box that slows), so `run_phase` re-plans at every checkpoint
+    (`_replan`) and also stops at the budget as a deadline. Returns (steps, evaluation s).
     """
     name = f"checkpoints/{ph.name}/plan.json"
     if not ph.budget_s:
@@ -354,7 +354,7 @@ REPLAN_MARGIN = 0.97  # of the time left: steps keep slowing a little over a lon
 
 
 def _replan(ph: Phase, ctx: Ctx, step: int, elapsed_s: float, eval_s: float,
-            since: list) -> int:
+            since: list[float]) -> int:
     """The phase's step count re-made at ``step`` from the pace since ``since`` (step, wall s).
 
     The up-front plan times forward/backward passes only; the real pace (optimiser, data,
