@@ -18,10 +18,22 @@ from storage.keys import normalise
 log = logging.getLogger("dflash")
 
 
-def stage_code(module: str, extra_files: tuple[str, ...] = ()) -> str:
-    """Fingerprint of the code a stage runs: its task module, tasks/base.py, ``dflash_models/``
-    and the storage format files (see storage/keys.py). Reports, flows and the CLI do not count."""
-    return code_fingerprint([f"tasks/{module}.py", "tasks/base.py", *extra_files])
+# The model code the prompts and generate stages run (tests/test_models_prompts.py checks that
+# these files and those stages import nothing else from the package).
+GENERATION_CODE = ("dflash_models/__init__.py", "dflash_models/generation.py",
+                   "dflash_models/target.py")
+
+
+def stage_code(module: str, extra_files: tuple[str, ...] = (),
+               models: tuple[str, ...] | None = None) -> str:
+    """Fingerprint of the code a stage runs: its task module, tasks/base.py, the storage format
+    files (see storage/keys.py) and its model code: all of ``dflash_models/``, or only the files
+    ``models`` names, so that a stage which runs little of it (generation, filtering) stays
+    cached across edits to the training code. Reports, flows and the CLI do not count."""
+    files = [f"tasks/{module}.py", "tasks/base.py", *extra_files]
+    if models is None:
+        return code_fingerprint(files)
+    return code_fingerprint([*files, *models], packages=())
 
 
 def key_for(stage: str, config: Any, inputs: Mapping[str, Manifest], code: str) -> str:

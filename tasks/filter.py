@@ -191,7 +191,7 @@ def run_filter(store: Store, cfg: FilterConfig, generations_manifest: Manifest,
     key_config = {"rules": cfg.model_dump(mode="json", exclude=EXECUTION_FIELDS),
                   "benchmark_prompts": digest(norm_sets) if cfg.contamination else None}
     inputs = {"generations": generations_manifest}
-    code = stage_code(STAGE, CODE_FILES)
+    code = stage_code(STAGE, CODE_FILES, models=())  # no model code
     _, done = cached(store, STAGE, key_config, inputs, code)
     if done is not None and not force:
         return done

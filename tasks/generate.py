@@ -37,7 +37,7 @@ from storage.errors import StoreError
 from storage.manifest import PARTS, FileEntry, StageOutput, write_part
 from storage.parquet import read_parquet, to_parquet_bytes
 from tasks.backends import GenRow, OpenAIConfig, check_server, get_backend, too_long
-from tasks.base import key_for, run_stage, stage_code
+from tasks.base import GENERATION_CODE, key_for, run_stage, stage_code
 from tasks.progress import Progress
 from tasks.prompts import MESSAGES_TYPE
 
@@ -120,7 +120,7 @@ def errors_name(i: int) -> str:
 
 # ----------------------------------------------------------------------------- planning
 def _code() -> str:
-    return stage_code("generate", ("tasks/backends.py",))
+    return stage_code("generate", ("tasks/backends.py", "tasks/prompts.py"), GENERATION_CODE)
 
 
 def _stage_config(cfg: GenerateConfig, target_m: Manifest) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from storage import Manifest, Store
 from storage.errors import ConfigError, SchemaError
 from storage.manifest import StageOutput
-from tasks.base import run_stage, stage_code
+from tasks.base import GENERATION_CODE, run_stage, stage_code
 
 STAGE = "prompts"
 ROLES = ("system", "user", "assistant")
@@ -477,8 +477,8 @@ def run_prompts(store: Store, cfg: PromptsConfig, target_manifest: Manifest,
         return out.commit(extra={"sources": stats, "n_prompts": table.num_rows,
                                  "duplicates_dropped": dups, "chat_template": templated})
 
-    return run_stage(store, STAGE, key_cfg, {"target": target_manifest}, stage_code("prompts"),
-                     build, force=force)
+    code = stage_code("prompts", models=GENERATION_CODE)
+    return run_stage(store, STAGE, key_cfg, {"target": target_manifest}, code, build, force=force)
 
 
 def render_table(records: list[PromptRecord], store: Store,

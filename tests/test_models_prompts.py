@@ -334,3 +334,43 @@ def test_drop_long_removes_long_prompts_and_their_later_turns() -> None:
     kept, counts = drop_long(table, 50)
     assert kept.column("prompt_id").to_pylist() == ["a", "a:2", "c"]
     assert counts == {"regenerated": 2, "originals": 1}
+
+
+def _model_imports(path: Path) -> set[str]:
+    """The ``dflash_models`` modules a source file imports (absolute, relative, or lazy)."""
+    import ast
+
+    found = set()
+    inside = path.parent.name == "dflash_models"
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level and inside:  # from .x import y / from . import x
+                found |= {mod.split(".")[0]} if mod else {a.name for a in node.names}
+            elif mod.startswith("dflash_models."):
+                found.add(mod.split(".")[1])
+            elif mod == "dflash_models":
+                found |= {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names
+                      if a.name.startswith("dflash_models.")}
+    return found
+
+
+def test_narrow_stage_fingerprints_cover_the_model_code_they_run() -> None:
+    """prompts and generate hash only GENERATION_CODE of ``dflash_models/``, filter none of it,
+    so a training-code edit keeps their outputs cached. That is only safe while those files and
+    stages import nothing else from the package: an import added later fails here, not as a
+    stale cache."""
+    from tasks.base import GENERATION_CODE, stage_code
+
+    repo = Path(__file__).resolve().parent.parent
+    hashed = {Path(f).stem for f in GENERATION_CODE} - {"__init__"}
+    users = [*GENERATION_CODE, "tasks/prompts.py", "tasks/generate.py", "tasks/backends.py"]
+    for f in users:
+        extra = _model_imports(repo / f) - hashed
+        assert not extra, f"{f} imports dflash_models.{sorted(extra)} outside GENERATION_CODE"
+    for f in ("tasks/filter.py", "tasks/filter_rules.py"):
+        assert not _model_imports(repo / f), f"{f} now runs model code: hash it"
+    # the narrowing is real: the whole package differs from the generation files alone
+    assert stage_code("generate", models=GENERATION_CODE) != stage_code("generate")
