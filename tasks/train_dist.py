@@ -228,17 +228,17 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
                              "train_time_s": 0.0, "train_tokens": 0, "resumed_from": None,
                              "planned_steps": planned, "total_steps": planned,
                              "paced_from": [0, 0.0]}
-    last = _latest_checkpoint(recorded, ckdir)
-    blobs, total = None, planned
-    if last is not None:  # a re-plan before the kill holds: the checkpoint recorded it
-        blobs = {n: store.read_bytes(f"{prefix}/{last}/{n}") for n in (WEIGHTS, OPTIM, STATE)}
-        total = int(json.loads(blobs[STATE]).get("total_steps") or planned)
     opt = build_optimizer(ph.module, ph.lr, cfg.weight_decay)
-    sched = build_scheduler(opt, total, warmup, cfg.min_lr_ratio)
-    if blobs is not None:
+    sched = build_scheduler(opt, planned, warmup, cfg.min_lr_ratio)
+    last = _latest_checkpoint(recorded, ckdir)
+    if last is not None:
+        blobs = {n: store.read_bytes(f"{prefix}/{last}/{n}") for n in (WEIGHTS, OPTIM, STATE)}
         state = {**state, **restore_checkpoint(blobs, ph.module, opt, sched)}
+        retarget_scheduler(sched, state["total_steps"])  # a re-plan before the kill holds
         state["resumed_from"] = state["step"]
-        log.info("train %s: resuming from step %d of %d", ph.name, state["step"], total)
+        log.info("train %s: resuming from step %d of %d", ph.name, state["step"],
+                 state["total_steps"])
+    total = state["total_steps"]
     t0, wall0 = time.perf_counter(), state["wall_s"]
     n, world = ctx.n_train, info.world
     global_batch = cfg.batch_size * cfg.grad_accum * world
@@ -247,6 +247,8 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
                   artifact_key=f"train-{ph.name}", enabled=info.main) as prog:
         prog.advance(state["step"])
         step = state["step"]
+        # test hook: slower steps (kill tests, deadline and re-plan tests)
+        throttle = float(os.environ.get("DFLASH_TRAIN_THROTTLE_S", "0") or 0)
         while step < total:
             ts = time.perf_counter()
             plan = plan_step(step, n, cfg.seed, cfg.batch_size, cfg.grad_accum, world)
@@ -255,8 +257,7 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
                                      sum(ph.tokens(b) for b in mbs)], info)
             res = train_step(model, opt, sched, mbs, lambda b: ph.loss_sum(model, b), w, world,
                              cfg.grad_clip)
-            throttle = float(os.environ.get("DFLASH_TRAIN_THROTTLE_S", "0") or 0)
-            if throttle:  # test hook: slower steps (kill tests, deadline and re-plan tests)
+            if throttle:
                 time.sleep(throttle)
             # the plan is made from forward/backward times and re-made at every checkpoint; a
             # box that slows between checkpoints could still overrun: the budget is a deadline
@@ -280,16 +281,16 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
             row["wall_s"] = wall0 + time.perf_counter() - t0
             if s % cfg.log_every == 0 or "tau_sim" in row or end:
                 state["metrics"].append(row)
-            if ph.budget_s and s % cfg.checkpoint_every == 0 and not end:
-                # every checkpoint re-plans from the pace since the last one, so the cosine
-                # schedule ends at the budget instead of being cut by the deadline
-                total = _replan(ph, ctx, s, row["wall_s"], eval_s, state["paced_from"])
-                state.update(total_steps=total, paced_from=[s, row["wall_s"]])
-                retarget_scheduler(sched, total)
-                prog.set_total(total)
-            if info.main and s % cfg.checkpoint_every == 0 and not end:
-                state["wall_s"] = row["wall_s"]
-                _write_checkpoint(ph, ctx, opt, sched, state, s)
+            if s % cfg.checkpoint_every == 0 and not end:
+                if ph.budget_s:  # re-plan from the pace since the last checkpoint, so the
+                    # cosine schedule ends at the budget instead of being cut by the deadline
+                    total = _replan(ph, ctx, s, row["wall_s"], eval_s, state["paced_from"])
+                    state.update(total_steps=total, paced_from=[s, row["wall_s"]])
+                    retarget_scheduler(sched, total)
+                    prog.set_total(total)
+                if info.main:
+                    state["wall_s"] = row["wall_s"]
+                    _write_checkpoint(ph, ctx, opt, sched, state, s)
             note = f"loss {loss:.3f}" + (f" tau {row['tau_sim']:.2f}" if "tau_sim" in row else "")
             prog.advance(1, tokens=int(tok), note=note)
             if end:
