@@ -11,14 +11,18 @@ starts. Two sources give responses:
 For every example the target contributes, from ONE forward pass over the whole sequence:
 - ``features`` [S, n*H]: hidden states of the chosen layers, concatenated (the draft's context);
 - ``greedy`` [S]: the target's argmax next token after each prefix (``greedy[p]`` follows
-  ids[:p]; ``greedy[0] = -1``), which makes tau_sim exact against the target's own choices.
+  ids[:p]; ``greedy[0] = -1``), which makes tau_sim exact against the target's own choices;
+- ``last`` [S, H], only for distillation: the final-normed hidden states, from which the target's
+  next-token distributions come back through its (frozen) LM head at training time. Storing H
+  values instead of a V-wide distribution keeps the cost at H*2 bytes per token in bf16.
 
 Two ways to get them:
 - ``OnlineFeatures``: run the frozen target inside the training loop; nothing is stored.
 - cached: computed once, stored as safetensors shards (``pack_shard``) and read back with
   ``CachedFeatures``. Size: n*H*2 bytes per token in bf16 (n*H*4 in fp32) plus 8 bytes of ids;
   4 layers of SmolLM2 (H=576) cost 4.6 KB per token in bf16, 4 x 5 x 4096 x 2 = 40 KiB for
-  Qwen3-8B-sized targets. ``bytes_per_token`` computes it.
+  Qwen3-8B-sized targets; ``last`` adds H*2 (1,152 B for SmolLM2). ``bytes_per_token`` computes
+  it.
 """
 
 from __future__ import annotations
@@ -81,10 +85,12 @@ def end_of_turn_id(target: Any) -> int | None:
     return None if eos is None else int(eos)
 
 
-def bytes_per_token(num_feature_layers: int, hidden_size: int, dtype: str) -> int:
-    """Stored bytes per token of a feature cache: n*H*itemsize features + int32 id + greedy."""
+def bytes_per_token(num_feature_layers: int, hidden_size: int, dtype: str,
+                    keep_last: bool = False) -> int:
+    """Stored bytes per token of a feature cache: n*H*itemsize features + int32 id + greedy
+    (+ H*itemsize of final hidden state where distillation keeps it)."""
     item = torch.empty((), dtype=DTYPES[dtype]).element_size()
-    return num_feature_layers * hidden_size * item + 8
+    return (num_feature_layers + int(keep_last)) * hidden_size * item + 8
 
 
 # ----------------------------------------------------------------------------- the target pass
@@ -93,7 +99,7 @@ class FeatureRow:
     ids: Tensor  # int64 [S]
     features: Tensor  # [S, n*H]
     greedy: Tensor | None  # int64 [S], -1 at 0; None where nothing needs it (online training)
-    last: Tensor | None = None  # [S, H] final-normed hidden (online, for distillation targets)
+    last: Tensor | None = None  # [S, H] final-normed hidden (for distillation targets)
 
 
 @torch.no_grad()
@@ -171,13 +177,16 @@ class CachedFeatures:
         out = []
         for i in indices:
             r = self.rows[i]
-            out.append(FeatureRow(r.ids, r.features.to(self.device, torch.float32), r.greedy))
+            last = None if r.last is None else r.last.to(self.device, torch.float32)
+            out.append(FeatureRow(r.ids, r.features.to(self.device, torch.float32), r.greedy,
+                                  last))
         return out
 
 
 # ----------------------------------------------------------------------------- shards
 def pack_shard(indices: Sequence[int], rows: Sequence[FeatureRow], dtype: str) -> bytes:
-    """One safetensors file: concatenated features/ids/greedy plus offsets and example indices."""
+    """One safetensors file: concatenated features/ids/greedy (and ``last`` where the rows carry
+    it) plus offsets and example indices."""
     lengths = torch.tensor([int(r.ids.shape[0]) for r in rows], dtype=torch.long)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     tensors = {
@@ -187,17 +196,20 @@ def pack_shard(indices: Sequence[int], rows: Sequence[FeatureRow], dtype: str) -
         "offsets": offsets,
         "index": torch.tensor(list(indices), dtype=torch.long),
     }
+    if rows and rows[0].last is not None:
+        tensors["last"] = torch.cat([r.last.cpu() for r in rows]).to(DTYPES[dtype]).contiguous()
     return st_save(tensors, metadata={"format": "dflash-features", "dtype": dtype})
 
 
 def unpack_shard(data: bytes) -> dict[int, FeatureRow]:
     t = st_load(data)
     off = t["offsets"].tolist()
+    last = t.get("last")
     out = {}
     for j, idx in enumerate(t["index"].tolist()):
         a, b = off[j], off[j + 1]
         out[int(idx)] = FeatureRow(t["ids"][a:b].long(), t["features"][a:b],
-                                   t["greedy"][a:b].long())
+                                   t["greedy"][a:b].long(), None if last is None else last[a:b])
     return out
 
 

@@ -57,8 +57,8 @@ class TrainConfig(BaseModel):
     gamma: float = Field(4.0, gt=0, description="loss weight w_k = exp(-(k-1)/gamma)")
     distill: float = Field(0.0, ge=0, le=1, description="share of the DFlash loss that is "
                            "cross-entropy against the target's own next-token distribution "
-                           "(teacher-forced, online features only); the rest is against the "
-                           "sequence's tokens")
+                           "(teacher-forced; a feature cache then also keeps the target's "
+                           "final hidden states); the rest is against the labels")
     labels: Literal["tokens", "target"] = Field(
         "tokens", description="what block offset k learns: the sequence's own token, or the "
         "target's greedy token while the sequence still follows the target's greedy chain "
@@ -130,9 +130,6 @@ class TrainConfig(BaseModel):
     def _one_seed(self) -> TrainConfig:
         if self.data.seed not in (0, self.seed):
             raise ValueError("set train.seed; train.data.seed follows it")
-        if self.distill and self.features != "online":
-            raise ValueError("distill needs features: online (a feature cache holds no target "
-                             "distributions)")
         return self
 
     def selection(self) -> DataSelection:
@@ -191,7 +188,8 @@ def features_config(cfg: TrainConfig, layer_ids: list[int], train_cpu_bf16: bool
     """The features stage's config; ``train_cpu_bf16`` is ``feature_cpu_bf16`` resolved on the
     training device (the key records what was computed, not the request)."""
     return FeaturesConfig(layer_ids=layer_ids, dtype=cfg.feature_dtype,
-                          train_cpu_bf16=train_cpu_bf16, selection=cfg.selection())
+                          train_cpu_bf16=train_cpu_bf16, keep_last=cfg.distill > 0,
+                          selection=cfg.selection())
 
 
 # ----------------------------------------------------------------------------- the stage

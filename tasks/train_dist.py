@@ -141,7 +141,8 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
                                                                  cfg.num_feature_layers)
     summary: dict[str, Any] = {"data_mix": data.mix, "features_mode": cfg.features,
                                "feature_bytes_per_token": bytes_per_token(
-                                   len(layer_ids), target.hidden_size, cfg.feature_dtype)}
+                                   len(layer_ids), target.hidden_size, cfg.feature_dtype,
+                                   cfg.distill > 0 and cfg.features == "cached")}
     summary["feature_cpu_bf16"] = feature_bf16 = cpu_bf16_on(info.device, cfg.feature_cpu_bf16)
     if cfg.features == "cached":
         from tasks.train import features_config

@@ -162,6 +162,7 @@ class FeaturesConfig(BaseModel):
     layer_ids: list[int]
     dtype: str = "bfloat16"
     train_cpu_bf16: bool = False  # train split from a bf16-autocast target pass (eval: exact)
+    keep_last: bool = False  # train split also keeps the final hidden states (distillation)
     selection: DataSelection
     shard_tokens: int = 16384  # ~75 MB of bf16 features for a 4-layer H=576 target
     batch_tokens: int = 2048  # padded tokens per target forward while building
@@ -189,15 +190,19 @@ def run_features(store: Store, cfg: FeaturesConfig, inputs: dict[str, Any], targ
         done = out.recorded()
         summary: dict[str, Any] = {"layer_ids": cfg.layer_ids, "dtype": cfg.dtype,
                                    "train_cpu_bf16": cfg.train_cpu_bf16,
+                                   "keep_last": cfg.keep_last,
                                    "bytes_per_token": bytes_per_token(
-                                       len(cfg.layer_ids), tgt.hidden_size, cfg.dtype),
-                                   "splits": {}}
+                                       len(cfg.layer_ids), tgt.hidden_size, cfg.dtype,
+                                       cfg.keep_last),
+                                   "splits": {}, "bytes": 0}
         for split, exs in (("train", data.train), ("eval", data.eval)):
             shards = plan_shards(exs, cfg.shard_tokens)
             todo = [j for j in range(len(shards)) if f"{split}-{j:05d}.safetensors" not in done]
             tokens = sum(int(e.ids.shape[0]) for e in exs)
             summary["splits"][split] = {"sequences": len(exs), "tokens": tokens,
                                         "shards": len(shards)}
+            summary["bytes"] += tokens * bytes_per_token(  # held-out rows never keep `last`
+                len(cfg.layer_ids), tgt.hidden_size, cfg.dtype, cfg.keep_last and split == "train")
             with Progress(f"features {split}", total=len(shards), unit="shards",
                           artifact_key=f"features-{split}") as prog:
                 prog.advance(len(shards) - len(todo))
@@ -205,14 +210,13 @@ def run_features(store: Store, cfg: FeaturesConfig, inputs: dict[str, Any], targ
                     rows: dict[int, FeatureRow] = {}
                     for batch in length_batches(shards[j], exs, cfg.batch_tokens):
                         got = target_pass(tgt, [exs[i].ids for i in batch], cfg.layer_ids,
-                                          cpu_bf16=cfg.train_cpu_bf16 and split == "train")
+                                          cpu_bf16=cfg.train_cpu_bf16 and split == "train",
+                                          keep_last=cfg.keep_last and split == "train")
                         rows.update(zip(batch, got, strict=True))
                     idx = shards[j]
                     data_bytes = pack_shard(idx, [rows[i] for i in idx], cfg.dtype)
                     out.write_bytes(f"{split}-{j:05d}.safetensors", data_bytes, rows=len(idx))
                     prog.advance(1, tokens=sum(int(exs[i].ids.shape[0]) for i in idx))
-        total = sum(s["tokens"] for s in summary["splits"].values())
-        summary["bytes"] = total * summary["bytes_per_token"]
         out.write_bytes("features.json", json.dumps(summary, indent=2).encode())
         return out.commit(extra=summary)
 

@@ -233,6 +233,7 @@ def test_greedy_block_labels_follow_the_target_chain() -> None:
 def test_feature_bytes_per_token() -> None:
     assert bytes_per_token(4, 576, "bfloat16") == 4 * 576 * 2 + 8
     assert bytes_per_token(5, 4096, "float32") == 5 * 4096 * 4 + 8
+    assert bytes_per_token(4, 576, "bfloat16", keep_last=True) == 5 * 576 * 2 + 8
 
 
 # ----------------------------------------------------------------------------- features
@@ -444,20 +445,35 @@ def test_reduced_draft_vocab_head_and_coverage(tmp_path: Path, tiny_target_dir: 
         assert torch.equal(DFlashDraft.load(tmp).draft_ids, d2t)
 
 
-def test_distillation_runs_online_only(tmp_path: Path, tiny_target_dir: Path,
-                                       tiny_rows: list[dict]) -> None:
-    with pytest.raises(ValueError, match="distill needs features: online"):
-        TrainConfig(distill=0.5, features="cached")
+def test_distillation_online_and_cached_give_the_same_loss(tmp_path: Path, tiny_target_dir: Path,
+                                                           tiny_rows: list[dict]) -> None:
+    """The cache keeps the target's final hidden states for distillation (train split only), and
+    the teacher's distributions rebuilt from them give the online loss."""
+    from dflash_models.features import unpack_shard
+
     store, fm = tiny_store(tmp_path, tiny_rows)
     plain = run_train(store, TrainConfig.tiny(max_steps=3, classic_layers=0), tiny_target_dir, fm)
-    m = run_train(store, TrainConfig.tiny(distill=0.5, max_steps=3, classic_layers=0),
-                  tiny_target_dir, fm)
-    assert m.key != plain.key
-    losses = [r["loss"] for r in m.extra["dflash"].get("metrics", [])] or \
-        [m.extra["dflash"]["last"]["loss"]]
-    plain_last = plain.extra["dflash"]["last"]["loss"]
-    # the teacher's entropy enters the loss: same batches, a different (finite) value
-    assert all(math.isfinite(x) for x in losses) and m.extra["dflash"]["last"]["loss"] != plain_last
+    last = {}
+    for features in ("online", "cached"):
+        m = run_train(store, TrainConfig.tiny(distill=0.5, features=features, max_steps=3,
+                                              classic_layers=0), tiny_target_dir, fm)
+        assert m.key != plain.key
+        last[features] = m.extra["dflash"]["last"]["loss"]
+        assert math.isfinite(last[features])
+    assert last["online"] == pytest.approx(last["cached"], rel=1e-4)
+    # the teacher's entropy enters the loss: same batches, a different value
+    assert last["cached"] != pytest.approx(plain.extra["dflash"]["last"]["loss"], rel=1e-3)
+    fman = read_manifest(store, "features", m.extra["features_key"])
+    assert fman.extra["keep_last"] and fman.extra["bytes_per_token"] == bytes_per_token(
+        len(fman.extra["layer_ids"]), 64, fman.extra["dtype"], keep_last=True)
+    for f in fman.files:
+        if f.path.endswith(".safetensors"):
+            rows = unpack_shard(store.read_bytes(f"{fman.prefix}/{f.path}"))
+            for r in rows.values():
+                if f.path.startswith("train-"):
+                    assert r.last is not None and r.last.shape == (r.ids.shape[0], 64)
+                else:
+                    assert r.last is None
 
 
 def test_target_labels_teach_the_greedy_chain_online_and_cached(tmp_path: Path,
