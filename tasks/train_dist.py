@@ -141,8 +141,7 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
                                                                  cfg.num_feature_layers)
     summary: dict[str, Any] = {"data_mix": data.mix, "features_mode": cfg.features,
                                "feature_bytes_per_token": bytes_per_token(
-                                   len(layer_ids), target.hidden_size, cfg.feature_dtype,
-                                   cfg.distill > 0 and cfg.features == "cached")}
+                                   len(layer_ids), target.hidden_size, cfg.feature_dtype)}
     summary["feature_cpu_bf16"] = feature_bf16 = cpu_bf16_on(info.device, cfg.feature_cpu_bf16)
     if cfg.features == "cached":
         from tasks.train import features_config
@@ -156,6 +155,7 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
         source: Any = CachedFeatures(read_features(store, fm, "train"), data.train, info.device)
         eval_rows = read_features(store, fm, "eval") if info.main else {}
         summary["features_key"] = fm.key
+        summary["feature_bytes_per_token"] = fm.extra["bytes_per_token"]  # `last` included
     else:
         source = OnlineFeatures(target, layer_ids, data.train, keep_last=cfg.distill > 0,
                                 greedy=cfg.labels == "target", cpu_bf16=feature_bf16)

@@ -201,8 +201,9 @@ def run_features(store: Store, cfg: FeaturesConfig, inputs: dict[str, Any], targ
             tokens = sum(int(e.ids.shape[0]) for e in exs)
             summary["splits"][split] = {"sequences": len(exs), "tokens": tokens,
                                         "shards": len(shards)}
-            summary["bytes"] += tokens * bytes_per_token(  # held-out rows never keep `last`
-                len(cfg.layer_ids), tgt.hidden_size, cfg.dtype, cfg.keep_last and split == "train")
+            keep_last = cfg.keep_last and split == "train"  # held-out rows never need `last`
+            summary["bytes"] += tokens * bytes_per_token(len(cfg.layer_ids), tgt.hidden_size,
+                                                         cfg.dtype, keep_last)
             with Progress(f"features {split}", total=len(shards), unit="shards",
                           artifact_key=f"features-{split}") as prog:
                 prog.advance(len(shards) - len(todo))
@@ -211,7 +212,7 @@ def run_features(store: Store, cfg: FeaturesConfig, inputs: dict[str, Any], targ
                     for batch in length_batches(shards[j], exs, cfg.batch_tokens):
                         got = target_pass(tgt, [exs[i].ids for i in batch], cfg.layer_ids,
                                           cpu_bf16=cfg.train_cpu_bf16 and split == "train",
-                                          keep_last=cfg.keep_last and split == "train")
+                                          keep_last=keep_last)
                         rows.update(zip(batch, got, strict=True))
                     idx = shards[j]
                     data_bytes = pack_shard(idx, [rows[i] for i in idx], cfg.dtype)
