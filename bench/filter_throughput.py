@@ -3,7 +3,10 @@
 Writes realistic-size generations (prompt ~150 chars, response ~600 chars, token-id lists of
 matching length: ~4 chars a token) as Parquet shards under a committed "generations" manifest,
 then times ``run_filter`` end to end (schema checks, every rule, split, committed write): once
-with the dedupe + finish + length rules, once with the n-gram rule on as well.
+with the dedupe + finish + length rules, once with the n-gram rule on as well, and once with the
+first rule set writing the split as copies (``split_copies``) instead of row references. Then it
+times reading the train split back the way training does (token ids and reference responses), from
+the references and from the copies: the price a reference split moves to its readers.
 
 The bar (docs/filtering.md): >= 500,000 rows/s on a 2-core machine, peak RSS < 2 GiB. Measure the
 peak with ``/usr/bin/time -v .venv/bin/python bench/filter_throughput.py`` ("Maximum resident set
@@ -28,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from storage import Manifest, StageOutput, Store, read_manifest  # noqa: E402
 from storage.hardware import hardware_info  # noqa: E402
+from storage.refs import read_table  # noqa: E402
 from tasks.filter import FilterConfig, check_generations_schema, run_filter  # noqa: E402
+from tasks.train_features import COLUMNS as TRAIN_COLUMNS  # noqa: E402
 
 ROWS = 1_000_000
 SHARDS = 8
@@ -159,7 +164,8 @@ def bench_configs(memory_limit: str, threads: int | None) -> dict[str, FilterCon
         eval_fraction=0.02, memory_limit=memory_limit, threads=threads)
     return {"dedupe+finish+length": base,
             "dedupe+finish+length+ngram": base.model_copy(
-                update={"max_repeated_ngram_share": 0.5, "ngram_size": 4})}
+                update={"max_repeated_ngram_share": 0.5, "ngram_size": 4}),
+            "dedupe+finish+length copies": base.model_copy(update={"split_copies": True})}
 
 
 def _cpu_s() -> float:
@@ -175,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-limit", default="1GB", help="DuckDB memory_limit")
     ap.add_argument("--threads", type=int, default=None, help="default: all CPUs")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each rule set (best is shown)")
-    ap.add_argument("--only", choices=["base", "ngram"], default=None)
+    ap.add_argument("--only", choices=["base", "ngram", "copies"], default=None)
+    ap.add_argument("--read-back", action="store_true", help="also time reading the train split "
+                    "back as training does (its memory then counts in the peak below)")
     args = ap.parse_args(argv)
 
     store = Store(args.store)
@@ -187,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     # The manifest's hardware probe imports torch once per process (seconds); a pipeline process
     # has paid that before the filter stage runs, so the bench pays it before timing, too.
     hardware_info()
+    splits = {}
     for name, cfg in bench_configs(args.memory_limit, args.threads).items():
-        if args.only and (args.only == "ngram") != name.endswith("ngram"):
+        tag = "copies" if cfg.split_copies else "ngram" if cfg.max_repeated_ngram_share else "base"
+        if args.only and args.only != tag:
             continue
         for _ in range(args.repeat):
             c0, t0 = _cpu_s(), time.perf_counter()
@@ -198,10 +208,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:28s} {rows_in / wall:>10,.0f} rows/s  wall {wall:6.2f}s  "
                   f"cpu {cpu:6.2f}s  train {m.rows['train']:,} eval {m.rows['eval']:,}  "
                   f"phases {m.extra['timings_s']}")
+        splits[m.extra["split"]["stored_as"]] = m
         for s in m.extra["stats"]:
             print(f"    {s['step']:>2} {s['rule']:<18} in {s['rows_in']:>9,} "
                   f"removed {s['rows_removed']:>8,} out {s['rows_out']:>9,} "
                   f"tokens {s['tokens_out']:>12,}")
+    for stored_as, m in splits.items() if args.read_back else ():
+        t0 = time.perf_counter()
+        n = read_table(store, m, "train", TRAIN_COLUMNS).num_rows
+        print(f"read back train split ({stored_as}, {', '.join(TRAIN_COLUMNS)}): {n:,} rows "
+              f"in {time.perf_counter() - t0:.2f}s")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:,.0f} MiB (this process; /usr/bin/time -v reports the same maximum)")
     return 0

@@ -278,6 +278,31 @@ class DFlashDraft(nn.Module):
         return model.to(device=device or "cpu", dtype=dtype).eval()
 
 
+def init_from_target(draft: DFlashDraft, target: Target) -> list[str]:
+    """Start draft layer i's projections from target layer L - n + i (the last n layers).
+
+    Why: on a CPU budget the draft gets a few thousand steps; the target's deepest layers already
+    map a residual stream to next-token features. Only linear weights whose names and shapes
+    match are copied (attention and MLP projections): norms stay at one, because families differ
+    in how a norm weight is applied (Gemma scales by 1 + w). Returns the copied names."""
+    decoder = target.model.get_decoder() if hasattr(target.model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None or len(layers) < len(draft.layers):
+        raise ValueError(f"init_from_target: {type(target.model).__name__} exposes no decoder "
+                         "layers to copy; set train.init_from_target: false")
+    copied = []
+    start = len(layers) - len(draft.layers)
+    for i, layer in enumerate(draft.layers):
+        src = {n: m for n, m in layers[start + i].named_modules() if isinstance(m, nn.Linear)}
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear) and name in src and \
+                    src[name].weight.shape == mod.weight.shape:
+                with torch.no_grad():
+                    mod.weight.copy_(src[name].weight.to(mod.weight.dtype))
+                copied.append(f"layers.{i}.{name}")
+    return copied
+
+
 def check_compatible(config: DFlashDraftConfig, target: Target,
                      draft_ids: Tensor | None = None) -> None:
     """Fail fast, with one line naming the mismatch, before a draft meets the wrong target."""
@@ -314,4 +339,5 @@ __all__ = [
     "DFlashDraftConfig",
     "DraftKVCache",
     "check_compatible",
+    "init_from_target",
 ]

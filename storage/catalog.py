@@ -15,6 +15,7 @@ import duckdb
 import pyarrow as pa
 
 from storage.manifest import MANIFEST, Manifest
+from storage.refs import ref_info, refs_view_sql
 from storage.store import Store
 
 BENCH_TABLES = {"benchmarks": "benchmarks/summary", "benchmark_samples": "benchmarks/samples"}
@@ -54,18 +55,15 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store) -> list[str]:
     by_table: dict[str, list[tuple[Manifest, list[str]]]] = defaultdict(list)
     manifests = committed_manifests(store)
     for m in manifests:
-        files = [store.uri(f"{m.prefix}/{f.path}") for f in m.files
-                 if f.table and f.path.endswith(".parquet")]
         tables = sorted({f.table for f in m.files if f.table and f.path.endswith(".parquet")})
         for t in tables:
             uris = [store.uri(f"{m.prefix}/{f.path}") for f in m.files_for(t)]
             by_table[t].append((m, uris))
-        del files
     names = []
     for table, parts in sorted(by_table.items()):
         selects = [
             f"SELECT *, {_lit(m.key)} AS output_key, {_lit(m.created_at)} AS output_created_at "
-            f"FROM read_parquet({_list(uris)}, union_by_name = true)"
+            f"FROM {_source(store, m, table, uris)}"
             for m, uris in sorted(parts, key=lambda p: p[0].created_at)
         ]
         con.execute(f"CREATE OR REPLACE VIEW {table} AS " + " UNION ALL BY NAME ".join(selects))
@@ -80,6 +78,13 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store) -> list[str]:
     con.execute("CREATE OR REPLACE VIEW outputs AS SELECT * FROM _outputs_arrow")
     names.append("outputs")
     return names
+
+
+def _source(store: Store, m: Manifest, table: str, uris: list[str]) -> str:
+    """The FROM item of one output's table: its files, or the rows they reference."""
+    if ref_info(m, table) is not None:
+        return f"({refs_view_sql(store, m, table, uris)})"
+    return f"read_parquet({_list(uris)}, union_by_name = true)"
 
 
 def _outputs_table(manifests: list[Manifest]) -> pa.Table:

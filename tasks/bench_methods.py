@@ -377,7 +377,7 @@ def load_prompts(dataset: str, n: int, seed: int, tokenizer: Any, store: Any = N
                  eval_manifest: Any = None) -> list[Prompt]:
     """n prompts of a benchmark dataset, rendered for the target.
 
-    `eval_split` reads the filter stage's eval Parquet files named by its manifest and uses their
+    `eval_split` reads the filter stage's eval table (copies or row references) and uses its
     `prompt_token_ids` (exactly what the target saw when generating) or renders `messages`.
     """
     if dataset in ("mt_bench", "humaneval"):
@@ -389,24 +389,16 @@ def load_prompts(dataset: str, n: int, seed: int, tokenizer: Any, store: Any = N
         raise DflashError(f"unknown benchmark dataset {dataset!r}; known: {', '.join(DATASETS)}")
     if eval_manifest is None:
         return []
-    import pyarrow as pa
+    from storage.refs import read_table
 
-    from storage.parquet import read_parquet, read_schema
-
-    files = [f for f in eval_manifest.files if f.path.endswith(".parquet")
-             and ((f.table or "").startswith("eval") or f.path.startswith("eval/"))]
-    tables = []
-    for f in files:
-        rel = f"{eval_manifest.prefix}/{f.path}"
-        names = set(read_schema(store, rel).names)
-        cols = [c for c in ("prompt_id", "prompt_token_ids", "messages", "prompt") if c in names]
-        if "prompt_id" not in cols or len(cols) < 2:
-            raise DflashError(f"{store.uri(rel)}: an eval split needs prompt_id and one of "
-                              "prompt_token_ids, messages or prompt")
-        tables.append(read_parquet(store, rel, columns=cols))
-    if not tables:
-        raise DflashError(f"eval manifest {eval_manifest.prefix} lists no eval/*.parquet file")
-    table = pa.concat_tables(tables, promote_options="default")
+    if not eval_manifest.files_for("eval"):
+        raise DflashError(f"eval manifest {eval_manifest.prefix} has no eval table")
+    table = read_table(store, eval_manifest, "eval",  # copies or row references alike
+                       ("prompt_id", "prompt_token_ids", "messages", "prompt"))
+    if table.num_rows and ("prompt_id" not in table.column_names
+                           or len(table.column_names) < 2):
+        raise DflashError(f"{eval_manifest.prefix}: an eval split needs prompt_id and one of "
+                          "prompt_token_ids, messages or prompt")
     rows = {r["prompt_id"]: r for r in table.to_pylist()}
     out = []
     for pid in _pick(list(rows), n, seed):

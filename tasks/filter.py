@@ -3,7 +3,8 @@
 ``run_filter(store, cfg, generations_manifest, benchmark_prompts)`` returns the committed
 ``filter/<key>`` manifest (key = hash(config, benchmark prompt digest, generations digest, code)):
 
-    train/part-*.parquet   table "train": the generation columns of the kept rows
+    train/part-*.parquet   table "train": the kept rows, as row references into the generation
+                           shards (file, row_no; storage.refs) or, with split_copies, as copies
     eval/part-*.parquet    table "eval": the same, held out by hash of prompt_id
     filter_stats.parquet   table "filter_stats": step, rule, rows_in, rows_removed, rows_out, ...
     filter_overlap.parquet table "filter_overlap": benchmark prompts found in the generations
@@ -16,10 +17,13 @@ How it runs (docs/filtering.md has the rules and their order):
    reads only the small columns the rules need and yields one narrow row per generation: its
    position, dedupe key, tokens and the first rule that removes it. Contamination and dedupe are
    decided on that narrow table; nothing is pulled into pandas.
-3. Each shard is streamed once more straight out of Parquet by pyarrow (half the decode cost of
-   a DuckDB scan exported to Arrow), cut into train/eval by the per-row decisions, and written
-   with pyarrow (zstd, byte-stream-split token ids), shards in parallel: DuckDB's own Parquet
-   writer is ~4x slower on list columns, which are most bytes.
+3. The split is written as row references (12 bytes a row before compression): readers resolve
+   them through ``storage.refs`` (Python) or the catalog's views (SQL). Copying the kept rows
+   costs more than all the rules together; with ``split_copies`` it is still done: each shard is
+   streamed once more straight out of Parquet by pyarrow (half the decode cost of a DuckDB scan
+   exported to Arrow), cut into train/eval by the per-row decisions, and written with pyarrow
+   (zstd, byte-stream-split token ids), shards in parallel: DuckDB's own Parquet writer is ~4x
+   slower on list columns, which are most bytes.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from storage.catalog import connect
 from storage.errors import ConfigError, DflashError, SchemaError
 from storage.keys import digest
 from storage.parquet import read_parquet
+from storage.refs import refs_extra, refs_parquet_options, refs_table
 from tasks.base import cached, run_stage, stage_code
 from tasks.filter_rules import (  # noqa: F401  (GENERATIONS_SCHEMA etc. are re-exported)
     GENERATIONS_SCHEMA,
@@ -60,7 +65,7 @@ from tasks.filter_rules import (  # noqa: F401  (GENERATIONS_SCHEMA etc. are re-
 
 log = logging.getLogger("dflash")
 STAGE = "filter"
-CODE_FILES = ("tasks/filter_rules.py",)
+CODE_FILES = ("tasks/filter_rules.py", "storage/refs.py")  # refs.py: the split's format
 EXECUTION_FIELDS = {"memory_limit", "threads"}  # how it runs, not what it produces: not in key
 
 STATS_SCHEMA = pa.schema([
@@ -125,6 +130,10 @@ class FilterConfig(BaseModel):
     dedupe: bool = Field(True, description="keep one row per normalised prompt text")
     eval_fraction: float = Field(0.02, ge=0, lt=1, description="share of prompt_ids held out")
     split_seed: int = Field(0, description="salt of the prompt_id hash that decides the split")
+    split_copies: bool = Field(
+        False, description="write the kept rows' columns into train/eval (a self-contained split "
+        "that outlives the generations; about 3x slower) instead of row references into the "
+        "generation shards")
     memory_limit: str = Field("1GB", description="DuckDB memory_limit")
     threads: int | None = Field(None, ge=1, description="DuckDB threads and writer threads "
                                 "(default: all CPUs)")
@@ -197,22 +206,25 @@ def run_filter(store: Store, cfg: FilterConfig, generations_manifest: Manifest,
         return done
     uris, schema = check_generation_shards(store, generations_manifest)
     validate_predicates(cfg.predicates, schema)
+    refs = None if cfg.split_copies else refs_extra(
+        generations_manifest, [store.relative(u) for u in uris], ("train", "eval"),
+        {"reference_response": "VARCHAR"} if "reference_response" in schema.names else None)
     return run_stage(store, STAGE, key_config, inputs, code,
-                     lambda out: _build(out, cfg, uris, sets), force=force)
+                     lambda out: _build(out, cfg, uris, sets, refs), force=force)
 
 
-def _build(out: StageOutput, cfg: FilterConfig, uris: list[str],
-           sets: dict[str, list[str]]) -> Manifest:
+def _build(out: StageOutput, cfg: FilterConfig, uris: list[str], sets: dict[str, list[str]],
+           refs: dict[str, Any] | None) -> Manifest:
     threads = cfg.threads or os.cpu_count() or 1
     con = connect(out.store, memory_limit=cfg.memory_limit, threads=threads, views=False)
     try:
-        return _filter(out, con, cfg, uris, sets, threads)
+        return _filter(out, con, cfg, uris, sets, threads, refs)
     finally:
         con.close()
 
 
 def _filter(out: StageOutput, con: Any, cfg: FilterConfig, uris: list[str],
-            sets: dict[str, list[str]], threads: int) -> Manifest:
+            sets: dict[str, list[str]], threads: int, refs: dict[str, Any] | None) -> Manifest:
     """Rules -> stats -> split -> parts -> manifest (the order of docs/filtering.md)."""
     t0, c0 = time.perf_counter(), time.process_time()
     con.execute("SET preserve_insertion_order = false")  # the per-row table needs no order
@@ -238,7 +250,10 @@ def _filter(out: StageOutput, con: Any, cfg: FilterConfig, uris: list[str],
     if n_train == 0:
         raise DflashError(f"filter: the split put all {n_eval} remaining rows into eval "
                           f"(eval_fraction={cfg.eval_fraction}); lower filter.eval_fraction")
-    names = _write_parts(out, [out.store.relative(u) for u in uris], codes, threads)
+    if refs is None:
+        names = _write_parts(out, [out.store.relative(u) for u in uris], codes, threads)
+    else:
+        names = _write_refs(out, codes)
     t_write, c_write = time.perf_counter(), time.process_time()
     out.write_parquet("filter_stats.parquet", pa.Table.from_pylist(stats, STATS_SCHEMA),
                       table_name="filter_stats", schema=STATS_SCHEMA)
@@ -249,12 +264,15 @@ def _filter(out: StageOutput, con: Any, cfg: FilterConfig, uris: list[str],
         names.append("filter_overlap.parquet")
     extra = {"stats": stats, "split": {"train": n_train, "eval": n_eval,
                                        "eval_fraction": cfg.eval_fraction,
+                                       "stored_as": "row references" if refs else "copies",
                                        "rule": "md5(f'{split_seed}:{prompt_id}')[:15] < "
                                                "eval_fraction * 2**60"},
              "contamination": overlap, "sql": sql,
              "timings_s": {"rules": round(t_rules - t0, 3), "write": round(t_write - t_rules, 3),
                            "rules_cpu": round(c_rules - c0, 3),
                            "write_cpu": round(c_write - c_rules, 3)}}
+    if refs is not None:
+        extra["row_refs"] = refs
     log.info("filter: %d rows in, %d train, %d eval (rules %.1fs, write %.1fs)",
              stats[0]["rows_in"], n_train, n_eval, t_rules - t0, t_write - t_rules)
     return out.commit(extra=extra, files=names)
@@ -336,6 +354,19 @@ def _decisions(con: Any, split_sql: str, n_files: int) -> list[np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- writing
+def _write_refs(out: StageOutput, codes: list[np.ndarray]) -> list[str]:
+    """One part per table: the (file, row_no) of its rows, sorted (storage.refs resolves them)."""
+    names = []
+    for code, table in ((1, "train"), (2, "eval")):
+        refs = refs_table([np.flatnonzero(c == code) for c in codes])
+        sink = pa.BufferOutputStream()
+        pq.write_table(refs, sink, **refs_parquet_options())
+        name = f"{table}/part-00000.parquet"
+        out.write_bytes(name, sink.getvalue().to_pybytes(), rows=refs.num_rows, table=table)
+        names.append(name)
+    return names
+
+
 class _PartWriter:
     """Streams the batches of one shard into ``<table>/part-<shard>[-<n>].parquet`` files."""
 

@@ -29,7 +29,7 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from dflash_models.blocks import VocabHead
-from dflash_models.draft import DFlashDraft, DFlashDraftConfig
+from dflash_models.draft import DFlashDraft, DFlashDraftConfig, init_from_target
 from dflash_models.features import (
     CachedFeatures,
     FeatureRow,
@@ -169,7 +169,10 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
         target, num_layers=cfg.draft_layers, block_size=cfg.block_size,
         num_feature_layers=len(layer_ids), target_layer_ids=layer_ids,
         mask_token_id=cfg.mask_token_id)
-    draft = DFlashDraft(dcfg).to(info.device)
+    draft = DFlashDraft(dcfg)
+    if cfg.init_from_target:
+        summary["init_from_target"] = init_from_target(draft, target)
+    draft = draft.to(info.device)
     draft_ids = None
     if cfg.draft_vocab_size:
         taught = None

@@ -25,8 +25,9 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage import Manifest, Store
+from storage.errors import SchemaError
 from storage.keys import code_fingerprint
-from storage.parquet import read_parquet
+from storage.refs import read_table
 from tasks.base import run_stage
 from tasks.progress import Progress
 
@@ -68,22 +69,18 @@ def _seeded_order(n: int, seed: int, salt: int) -> list[int]:
 
 def load_split(store: Store, manifest: Manifest, table: str) -> pa.Table:
     """The split's rows (only the columns training needs; reference_response may be absent)."""
-    parts = []
-    for f in manifest.files_for(table):
-        rel = f"{manifest.prefix}/{f.path}"
-        t = read_parquet(store, rel)
-        cols = {c: t.column(c) for c in COLUMNS if c in t.column_names}
-        if "reference_response" not in cols:
-            cols["reference_response"] = pa.nulls(t.num_rows, pa.string())
-        parts.append(pa.table(cols).cast(pa.schema([
-            ("prompt_token_ids", pa.list_(pa.int64())),
-            ("response_token_ids", pa.list_(pa.int64())),
-            ("reference_response", pa.string())])))
-    if not parts:
-        return pa.table({"prompt_token_ids": pa.array([], pa.list_(pa.int64())),
-                         "response_token_ids": pa.array([], pa.list_(pa.int64())),
-                         "reference_response": pa.array([], pa.string())})
-    return pa.concat_tables(parts)
+    t = read_table(store, manifest, table, COLUMNS)  # copies or row references alike
+    cols = {c: t.column(c) for c in COLUMNS if c in t.column_names}
+    if "reference_response" not in cols:
+        cols["reference_response"] = pa.nulls(t.num_rows, pa.string())
+    for c in ("prompt_token_ids", "response_token_ids"):
+        if c not in cols and t.num_rows:
+            raise SchemaError(f"{manifest.prefix}: table {table!r} has no column {c!r}; it is "
+                              "not a filter split (re-run the filter stage)")
+        cols.setdefault(c, pa.array([], pa.list_(pa.int64())))
+    return pa.table(cols).cast(pa.schema([("prompt_token_ids", pa.list_(pa.int64())),
+                                          ("response_token_ids", pa.list_(pa.int64())),
+                                          ("reference_response", pa.string())]))
 
 
 def select_data(train: pa.Table, eval_: pa.Table, tokenizer: Any, eos_id: int | None,

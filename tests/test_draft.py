@@ -24,7 +24,13 @@ from transformers import (
 )
 
 from dflash_models.classic import build_classic_draft, distill_loss
-from dflash_models.draft import DFlashDraft, DFlashDraftConfig, DraftKVCache, check_compatible
+from dflash_models.draft import (
+    DFlashDraft,
+    DFlashDraftConfig,
+    DraftKVCache,
+    check_compatible,
+    init_from_target,
+)
 from dflash_models.target import (
     Target,
     choose_mask_token_id,
@@ -164,6 +170,22 @@ def test_draft_shapes(family: str) -> None:
     assert target.lm_head(hidden).shape == (1, 4, VOCAB)
     # no embedding / LM head of its own
     assert all(p.shape[0] != VOCAB for p in draft.parameters())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
+def test_init_from_target_copies_the_last_layers_projections(family: str) -> None:
+    target = tiny_target(family)
+    draft = tiny_draft(target)  # 2 layers <- target layers L-2, L-1
+    copied = init_from_target(draft, target)
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert copied == [f"layers.{i}.{n}" for i in range(2) for n in names]
+    src = target.model.get_decoder().layers
+    for i, n in ((0, "mlp.down_proj"), (1, "self_attn.k_proj")):
+        got = draft.layers[i].get_submodule(n).weight
+        assert torch.equal(got, src[LAYERS - 2 + i].get_submodule(n).weight)
+    # norms are not copied (families apply them differently): still the fresh ones
+    assert torch.equal(draft.layers[0].input_layernorm.weight, torch.ones(HIDDEN))
 
 
 def test_no_leakage_from_features_at_or_after_anchor() -> None:

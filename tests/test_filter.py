@@ -14,6 +14,7 @@ from storage import ConfigError, DflashError, Manifest, SchemaError, StageOutput
 from storage.catalog import connect
 from storage.manifest import read_manifest
 from storage.parquet import read_parquet
+from storage.refs import REFS_SCHEMA, read_table
 from tasks.filter import (
     FilterConfig,
     filter_stats_rows,
@@ -80,8 +81,7 @@ def quiet(**kw: Any) -> FilterConfig:
 
 
 def split_rows(store: Store, m: Manifest, table: str) -> list[dict[str, Any]]:
-    return [r for f in m.files_for(table)
-            for r in read_parquet(store, f"{m.prefix}/{f.path}").to_pylist()]
+    return read_table(store, m, table).to_pylist()
 
 
 BENCH = ["Write a Python function to reverse a string.", "Compose an engaging travel blog post "
@@ -175,6 +175,63 @@ def test_split_is_deterministic_by_prompt_id(tmp_path: Path) -> None:
     m3 = run_filter(s1, quiet(eval_fraction=0.25, split_seed=7), read_manifest(
         s1, "generations", "g1"))
     assert {r["prompt_id"] for r in split_rows(s1, m3, "eval")} != set(evals)
+
+
+def test_row_references_and_copies_give_the_same_split(store_url: str) -> None:
+    """The default split stores (file, row_no) references; split_copies stores the rows. Python
+    readers and the SQL views see the same rows either way, every column, int64 widening and
+    all-null reference_response included."""
+    store = Store(store_url)
+    rows = [row(f"r{i:03d}", reference=f"ref {i}" if i % 3 == 0 else None,
+                finish="error" if i % 7 == 0 else "stop") for i in range(60)]
+    int64 = pa.Table.from_pylist(rows[40:], _schema(pa.int64()))
+    nulls = pa.Table.from_pylist(rows[20:40], _schema())
+    nulls = nulls.set_column(nulls.schema.get_field_index("reference_response"),
+                             "reference_response", pa.nulls(20))
+    gens = write_generations(store, [rows[:20], nulls, int64])
+    cfg = quiet(drop_errors=True, eval_fraction=0.3)
+    refs = run_filter(store, cfg, gens)
+    copies = run_filter(store, cfg.model_copy(update={"split_copies": True}), gens)
+    assert refs.key != copies.key and refs.rows == copies.rows
+    assert refs.extra["split"]["stored_as"] == "row references"
+    assert copies.extra["split"]["stored_as"] == "copies" and "row_refs" not in copies.extra
+    for table in ("train", "eval"):
+        parts = refs.files_for(table)
+        assert [read_parquet(store, f"{refs.prefix}/{f.path}").schema for f in parts] == [
+            REFS_SCHEMA]
+        assert sum(f.size for f in parts) < sum(f.size for f in copies.files_for(table))
+        a = read_table(store, refs, table).sort_by("prompt_id")
+        b = read_table(store, copies, table).sort_by("prompt_id")
+        assert a.num_rows == refs.rows[table] > 0 and a.column_names == b.column_names
+        assert a.to_pylist() == b.to_pylist()
+        cols = ["prompt_id"]  # a narrow read of a reference split reads only those columns
+        assert read_table(store, refs, table, cols).column_names == cols
+        con = connect(store)
+        views = [con.sql(f"SELECT * EXCLUDE (output_key, output_created_at) FROM {table} "
+                             f"WHERE output_key = '{m.key}' ORDER BY prompt_id").to_arrow_table()
+                 for m in (refs, copies)]
+        assert views[0].to_pylist() == views[1].to_pylist() == b.to_pylist()
+        assert con.execute(f"SELECT DISTINCT typeof(reference_response) FROM {table}"
+                           ).fetchall() == [("VARCHAR",)]
+
+
+def test_row_references_check_their_source(tmp_path: Path) -> None:
+    """A reference split never reads rows of another output than the one it was made against:
+    a removed or rewritten generations output is a clear error naming it and the fix."""
+    store = Store(tmp_path / "store")
+    gens = write_generations(store, [[row(f"x{i}") for i in range(8)]])
+    m = run_filter(store, quiet(), gens)
+    assert read_table(store, m, "train").num_rows == 8
+    store.rm("generations/g1", recursive=True)  # what `--force` on the generate stage does first
+    with pytest.raises(DflashError, match=r"references rows of generations/g1, which is no "
+                                          r"longer in .*restore it.*--force"):
+        read_table(store, m, "eval")
+    write_generations(store, [[row(f"y{i}") for i in range(8)]])  # rebuilt: other rows
+    with pytest.raises(DflashError, match=r"generations/g1, which was rewritten.*--force"):
+        read_table(store, m, "train")
+    # the rebuilt filter reads the new rows
+    again = run_filter(store, quiet(), write_generations(store, [[row("z")]], key="g2"))
+    assert [r["prompt_id"] for r in read_table(store, again, "train").to_pylist()] == ["z"]
 
 
 def test_originals_pass_response_rules_train_only_and_lose_dedupe(tmp_path: Path) -> None:
