@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from storage.errors import DflashError, SchemaError
 from storage.manifest import Manifest, read_manifest
+from storage.parquet import read_parquet, read_schema
 from storage.store import Store
 
 REFS_SCHEMA = pa.schema([("file", pa.int32()), ("row_no", pa.int64())])
@@ -101,16 +101,11 @@ def read_table(store: Store, manifest: Manifest, table: str,
 
 
 def _read(store: Store, rel: str, wanted: list[str] | None) -> pa.Table:
-    where = store.uri(rel)
-    try:
-        with store.open_input(rel) as f:
-            pf = pq.ParquetFile(f)
-            names = pf.schema_arrow.names
-            return pf.read(columns=None if wanted is None else [c for c in wanted if c in names])
-    except FileNotFoundError:
-        raise SchemaError(f"{where}: file does not exist") from None
-    except (pa.ArrowInvalid, OSError) as e:
-        raise SchemaError(f"{where}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    """The wanted columns the file has (all columns for None)."""
+    if wanted is not None:
+        names = set(read_schema(store, rel).names)  # a footer read: cheap beside the data
+        wanted = [c for c in wanted if c in names]
+    return read_parquet(store, rel, columns=wanted)
 
 
 def _resolve(store: Store, manifest: Manifest, table: str, info: dict[str, Any],

@@ -132,7 +132,7 @@ class FilterConfig(BaseModel):
     split_seed: int = Field(0, description="salt of the prompt_id hash that decides the split")
     split_copies: bool = Field(
         False, description="write the kept rows' columns into train/eval (a self-contained split "
-        "that outlives the generations; about 3x slower) instead of row references into the "
+        "that outlives the generations; about 5x the wall time) instead of row references into the "
         "generation shards")
     memory_limit: str = Field("1GB", description="DuckDB memory_limit")
     threads: int | None = Field(None, ge=1, description="DuckDB threads and writer threads "
