@@ -4,9 +4,10 @@ Writes realistic-size generations (prompt ~150 chars, response ~600 chars, token
 matching length: ~4 chars a token) as Parquet shards under a committed "generations" manifest,
 then times ``run_filter`` end to end (schema checks, every rule, split, committed write): once
 with the dedupe + finish + length rules, once with the n-gram rule on as well, and once with the
-first rule set writing the split as copies (``split_copies``) instead of row references. Then it
-times reading the train split back the way training does (token ids and reference responses), from
-the references and from the copies: the price a reference split moves to its readers.
+first rule set writing the split as copies (``split_copies``) instead of row references. With
+``--read-back`` it then times reading the train split back the way training does (token ids and
+reference responses), from the references and from the copies: the price a reference split moves
+to its readers (its memory then counts in the printed peak).
 
 The bar (docs/filtering.md): >= 500,000 rows/s on a 2-core machine, peak RSS < 2 GiB. Measure the
 peak with ``/usr/bin/time -v .venv/bin/python bench/filter_throughput.py`` ("Maximum resident set

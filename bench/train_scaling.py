@@ -99,8 +99,10 @@ def sharegpt_filter(store: Store, target_dir: Path, n_train: int, n_eval: int,
 
 
 def pipeline_filter(store: Store, source: Store) -> Manifest:
-    """The newest committed filter output of ``source``, copied into ``store`` (same key)."""
+    """The newest committed filter output of ``source``, its split copied into ``store`` (same
+    key): as rows, because a reference split points at generation shards ``store`` lacks."""
     from storage.manifest import list_outputs
+    from storage.refs import read_table
 
     done = [o for o in list_outputs(source, "filter") if o["status"] == "committed"]
     if not done:
@@ -111,10 +113,9 @@ def pipeline_filter(store: Store, source: Store) -> Manifest:
                      inputs={"filter": newest.digest}) as out:
         if out.manifest:
             return out.manifest
-        for f in newest.files:
-            if f.table in ("train", "eval"):
-                out.write_bytes(f.path, source.read_bytes(f"{newest.prefix}/{f.path}"),
-                                table=f.table, rows=f.rows)
+        for table in ("train", "eval"):
+            out.write_parquet(f"{table}.parquet", read_table(source, newest, table),
+                              table_name=table)
         return out.commit()
 
 

@@ -234,6 +234,24 @@ def test_row_references_check_their_source(tmp_path: Path) -> None:
     assert [r["prompt_id"] for r in read_table(store, again, "train").to_pylist()] == ["z"]
 
 
+def test_scaling_bench_copies_a_reference_split_between_stores(tmp_path: Path) -> None:
+    """bench/train_scaling.py --filter-from takes another store's split: its rows must come along
+    (the references point at generation shards the new store does not have)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_scaling", Path(__file__).resolve().parent.parent / "bench/train_scaling.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    src = Store(tmp_path / "src")
+    m = run_filter(src, quiet(eval_fraction=0.5), write_generations(
+        src, [[row(f"s{i}", reference=f"ref {i}") for i in range(10)]]))
+    copied = bench.pipeline_filter(Store(tmp_path / "dst"), src)
+    for table in ("train", "eval"):
+        assert read_table(Store(tmp_path / "dst"), copied, table).to_pylist() == \
+            read_table(src, m, table).to_pylist()
+
+
 def test_originals_pass_response_rules_train_only_and_lose_dedupe(tmp_path: Path) -> None:
     """finish_reason = 'reference' rows (tasks/prompts.py originals): no generated response."""
     store = Store(tmp_path / "store")
