@@ -279,28 +279,60 @@ class DFlashDraft(nn.Module):
 
 
 def init_from_target(draft: DFlashDraft, target: Target) -> list[str]:
-    """Start draft layer i's projections from target layer L - n + i (the last n layers).
+    """Start the draft as a continuation of the target's last layers; return what was set.
 
-    Why: on a CPU budget the draft gets a few thousand steps; the target's deepest layers already
-    map a residual stream to next-token features. Only linear weights whose names and shapes
-    match are copied (attention and MLP projections): norms stay at one, because families differ
-    in how a norm weight is applied (Gemma scales by 1 + w). Returns the copied names."""
+    Why: on a CPU budget the draft gets a few thousand steps, and the target's deepest layers
+    already map a near-final residual stream to next-token features. So:
+
+    - draft layer i <- target layer L - n + i: linear projections copied where names and shapes
+      match; norms take the target norm's *effective* per-channel scale (what it multiplies a
+      unit-RMS vector by: w for Llama/Qwen, 1 + w for Gemma), so no family's convention is
+      hard-coded;
+    - the final norm <- the target decoder's final norm (same rule): the draft's output meets the
+      target's LM head scaled the way the target's own last hidden state is;
+    - context fusion: ``fc`` starts as the identity on the deepest fused layer's features (the
+      random weights on the others scaled down), ``hidden_norm`` as the first copied layer's
+      input norm. The injected keys/values then start as what that target layer computes from a
+      near-final residual stream.
+    """
     decoder = target.model.get_decoder() if hasattr(target.model, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
     if layers is None or len(layers) < len(draft.layers):
         raise ValueError(f"init_from_target: {type(target.model).__name__} exposes no decoder "
                          "layers to copy; set train.init_from_target: false")
-    copied = []
+    H, done = draft.config.hidden_size, []
     start = len(layers) - len(draft.layers)
-    for i, layer in enumerate(draft.layers):
-        src = {n: m for n, m in layers[start + i].named_modules() if isinstance(m, nn.Linear)}
-        for name, mod in layer.named_modules():
-            if isinstance(mod, nn.Linear) and name in src and \
-                    src[name].weight.shape == mod.weight.shape:
-                with torch.no_grad():
-                    mod.weight.copy_(src[name].weight.to(mod.weight.dtype))
-                copied.append(f"layers.{i}.{name}")
-    return copied
+    with torch.no_grad():
+        for i, layer in enumerate(draft.layers):
+            src = dict(layers[start + i].named_modules())
+            for name, mod in layer.named_modules():
+                theirs = src.get(name)
+                weight = getattr(theirs, "weight", None)
+                if not isinstance(mod, nn.Linear | RMSNorm) or weight is None or \
+                        weight.shape != mod.weight.shape:
+                    continue
+                mod.weight.copy_(weight if isinstance(mod, nn.Linear) else
+                                 _effective_scale(theirs, mod.weight.numel()))
+                done.append(f"layers.{i}.{name}")
+        if getattr(decoder, "norm", None) is not None:
+            draft.norm.weight.copy_(_effective_scale(decoder.norm, H))
+            done.append("norm")
+        first_norm = getattr(layers[start], "input_layernorm", None)
+        if first_norm is not None:
+            draft.hidden_norm.weight.copy_(_effective_scale(first_norm, H))
+            done.append("hidden_norm")
+        ids = draft.config.target_layer_ids
+        j = max(range(len(ids)), key=ids.__getitem__)  # the deepest fused layer
+        draft.fc.weight.mul_(0.1)
+        draft.fc.weight[:, j * H:(j + 1) * H] += torch.eye(H, dtype=draft.fc.weight.dtype)
+        done.append("fc")
+    return done
+
+
+def _effective_scale(norm: nn.Module, n: int) -> Tensor:
+    """Per-channel factor a norm module applies to a unit-RMS input (an all-ones vector)."""
+    p = next(norm.parameters())
+    return norm(torch.ones(1, 1, n, dtype=p.dtype, device=p.device)).float().flatten()
 
 
 def check_compatible(config: DFlashDraftConfig, target: Target,

@@ -173,19 +173,34 @@ def test_draft_shapes(family: str) -> None:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
-def test_init_from_target_copies_the_last_layers_projections(family: str) -> None:
+def test_init_from_target_continues_the_last_layers(family: str) -> None:
     target = tiny_target(family)
+    decoder = target.model.get_decoder()
+    with torch.no_grad():  # non-trivial norm weights, so the effective scale is visible
+        for n in [decoder.norm] + [m for m in decoder.modules() if "Norm" in type(m).__name__]:
+            n.weight.uniform_(0.5, 1.5)
     draft = tiny_draft(target)  # 2 layers <- target layers L-2, L-1
-    copied = init_from_target(draft, target)
-    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-    assert copied == [f"layers.{i}.{n}" for i in range(2) for n in names]
-    src = target.model.get_decoder().layers
+    done = init_from_target(draft, target)
+    linear = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert {f"layers.{i}.{n}" for i in range(2) for n in linear} <= set(done)
+    assert {"norm", "hidden_norm", "fc", "layers.1.input_layernorm"} <= set(done)
+    assert ("layers.0.self_attn.q_norm" in done) == (family == "qwen3")  # only Qwen3 has them
+    src = decoder.layers
     for i, n in ((0, "mlp.down_proj"), (1, "self_attn.k_proj")):
-        got = draft.layers[i].get_submodule(n).weight
-        assert torch.equal(got, src[LAYERS - 2 + i].get_submodule(n).weight)
-    # norms are not copied (families apply them differently): still the fresh ones
-    assert torch.equal(draft.layers[0].input_layernorm.weight, torch.ones(HIDDEN))
+        assert torch.equal(draft.layers[i].get_submodule(n).weight,
+                           src[LAYERS - 2 + i].get_submodule(n).weight)
+    # a norm's effective scale, whatever the family's convention (Gemma: 1 + w)
+    w = src[LAYERS - 1].input_layernorm.weight
+    want = 1 + w if family == "gemma" else w
+    assert torch.allclose(draft.layers[1].input_layernorm.weight, want, atol=1e-4)
+    x = torch.randn(3, HIDDEN)
+    assert torch.allclose(draft.norm(x), decoder.norm(x), atol=1e-4)
+    # fc passes the deepest fused layer's features through
+    ids = draft.config.target_layer_ids
+    j = ids.index(max(ids))
+    assert torch.allclose(draft.fc.weight[:, j * HIDDEN:(j + 1) * HIDDEN],
+                          torch.eye(HIDDEN), atol=0.02)
 
 
 def test_no_leakage_from_features_at_or_after_anchor() -> None:
