@@ -64,9 +64,10 @@ class TrainConfig(BaseModel):
         "target's greedy token while the sequence still follows the target's greedy chain "
         "(exactly what greedy verification accepts; an original answer then teaches the "
         "target's choices, not another model's)")
-    init_from_target: bool = Field(True, description="start the draft layers' attention and "
-                                   "MLP projections from the target's last layers (false: a "
-                                   "small random init)")
+    init_from_target: bool = Field(True, description="start the draft as a continuation of "
+                                   "the target's last layers: their projections and norms, the "
+                                   "final norm, fc passing the deepest fused layer through "
+                                   "(false: a small random init)")
     num_feature_layers: int = Field(4, ge=1)
     target_layer_ids: list[int] | None = Field(None, description="default: spread 1..L-3")
     mask_token_id: int | None = Field(None, description="default: chosen from the tokenizer")
