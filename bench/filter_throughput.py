@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:28s} {rows_in / wall:>10,.0f} rows/s  wall {wall:6.2f}s  "
                   f"cpu {cpu:6.2f}s  train {m.rows['train']:,} eval {m.rows['eval']:,}  "
                   f"phases {m.extra['timings_s']}")
-        splits[m.extra["split"]["stored_as"]] = m
+        splits.setdefault(m.extra["split"]["stored_as"], m)  # the first rule set of each kind
         for s in m.extra["stats"]:
             print(f"    {s['step']:>2} {s['rule']:<18} in {s['rows_in']:>9,} "
                   f"removed {s['rows_removed']:>8,} out {s['rows_out']:>9,} "
