@@ -15,7 +15,7 @@ import duckdb
 import pyarrow as pa
 
 from storage.manifest import MANIFEST, Manifest
-from storage.refs import ref_info, refs_view_sql
+from storage.refs import ref_info
 from storage.store import Store
 
 BENCH_TABLES = {"benchmarks": "benchmarks/summary", "benchmark_samples": "benchmarks/samples"}
@@ -83,8 +83,23 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store) -> list[str]:
 def _source(store: Store, m: Manifest, table: str, uris: list[str]) -> str:
     """The FROM item of one output's table: its files, or the rows they reference."""
     if ref_info(m, table) is not None:
-        return f"({refs_view_sql(store, m, table, uris)})"
+        return f"({_refs_sql(store, m, table, uris)})"
     return f"read_parquet({_list(uris)}, union_by_name = true)"
+
+
+def _refs_sql(store: Store, m: Manifest, table: str, ref_uris: list[str]) -> str:
+    """The rows a reference table (storage.refs) points at, every source column: the references
+    joined with the source files on DuckDB's ``file_row_number``."""
+    info = ref_info(m, table)
+    assert info is not None
+    src = _list([store.uri(f) for f in info["files"]])
+    casts = ", ".join(f"CAST(g.{c} AS {t}) AS {c}" for c, t in info.get("view_casts", {}).items())
+    return (f"SELECT g.* EXCLUDE (file, row_no){f' REPLACE ({casts})' if casts else ''} "
+            f"FROM read_parquet({_list(ref_uris)}) r JOIN ("
+            f"SELECT list_position({src}, filename)::INTEGER - 1 AS file, "
+            f"file_row_number AS row_no, * EXCLUDE (filename, file_row_number) "
+            f"FROM read_parquet({src}, filename = true, file_row_number = true, "
+            f"union_by_name = true)) g USING (file, row_no)")
 
 
 def _outputs_table(manifests: list[Manifest]) -> pa.Table:

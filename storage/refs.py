@@ -11,7 +11,7 @@ in the referencing manifest's ``extra["row_refs"]``) and ``row_no`` (int64: row 
 file, the same number DuckDB's ``file_row_number`` gives). Readers see the source rows instead:
 
 * ``read_table(store, manifest, table, columns)`` in Python (pyarrow), and
-* the DuckDB views of ``storage.catalog`` (``refs_view_sql``), so ``dflash query "select * from
+* the DuckDB views of ``storage.catalog`` (``_refs_sql``), so ``dflash query "select * from
   train"`` shows the generation columns whatever way the split was stored.
 """
 
@@ -139,22 +139,3 @@ def _resolve(store: Store, manifest: Manifest, table: str, info: dict[str, Any],
 
     with ThreadPoolExecutor(max_workers=min(len(runs), os.cpu_count() or 1) or 1) as pool:
         return list(pool.map(select, runs))
-
-
-def refs_view_sql(store: Store, manifest: Manifest, table: str, ref_uris: Sequence[str]) -> str:
-    """DuckDB SELECT of the referenced rows (every source column), for a catalog view."""
-    info = ref_info(manifest, table)
-    assert info is not None
-    src = "[" + ", ".join(_lit(store.uri(f)) for f in info["files"]) + "]"
-    refs = "[" + ", ".join(_lit(u) for u in ref_uris) + "]"
-    casts = ", ".join(f"CAST(g.{c} AS {t}) AS {c}" for c, t in info.get("view_casts", {}).items())
-    return (f"SELECT g.* EXCLUDE (file, row_no){f' REPLACE ({casts})' if casts else ''} "
-            f"FROM read_parquet({refs}) r JOIN ("
-            f"SELECT list_position({src}, filename)::INTEGER - 1 AS file, "
-            f"file_row_number AS row_no, * EXCLUDE (filename, file_row_number) "
-            f"FROM read_parquet({src}, filename = true, file_row_number = true, "
-            f"union_by_name = true)) g USING (file, row_no)")
-
-
-def _lit(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
