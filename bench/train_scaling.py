@@ -11,7 +11,10 @@
 2. Points: per source, ``--points`` training-token budgets doubling up to the largest that the
    ``--minutes`` training budget allows (split evenly between sources, calibrated on measured
    tokens/s); each point trains ``--epochs`` epochs with cached features and keeps its best
-   held-out tau_sim (the checkpoint rule of the train stage).
+   held-out tau_sim (the checkpoint rule of the train stage). ``--tokens SOURCE=N,N,...`` fixes
+   a source's budgets instead; ``--top SOURCE=MINUTES`` trains its largest point for MINUTES
+   minutes (the cosine spans them) and also reads that run's best held-out figure at
+   ``--epochs`` epochs, the curve's own footing, off its evaluations.
 3. Output: a table on stdout, ``scaling.json`` and ``scaling.png`` in ``--out``.
 
 Every point is a cached train-stage output: rerunning the script only computes missing points.
@@ -145,6 +148,47 @@ def budgets(available: int, cap: int, points: int) -> list[int]:
     return [max(1, top >> (points - 1 - i)) for i in range(points)]
 
 
+def _explicit_budgets(specs: list[str]) -> dict[str, list[int]]:
+    """``["original=45000,90000"]`` -> ``{"original": [45000, 90000]}`` (sorted)."""
+    out: dict[str, list[int]] = {}
+    for spec in specs:
+        src, _, nums = spec.partition("=")
+        if src not in ("regenerated", "original") or not nums:
+            raise SystemExit(f"--tokens {spec!r}: write SOURCE=N,N,... with SOURCE regenerated "
+                             "or original")
+        try:
+            out[src] = sorted(int(n) for n in nums.split(","))
+        except ValueError:
+            raise SystemExit(f"--tokens {spec!r}: budgets must be whole numbers") from None
+    return out
+
+
+def _top_minutes(specs: list[str]) -> dict[str, float]:
+    """``["original=60"]`` -> ``{"original": 60.0}``."""
+    out: dict[str, float] = {}
+    for spec in specs:
+        src, _, mins = spec.partition("=")
+        try:
+            out[src] = float(mins)
+        except ValueError:
+            out[src] = -1.0
+        if src not in ("regenerated", "original") or out[src] <= 0:
+            raise SystemExit(f"--top {spec!r}: write SOURCE=MINUTES with SOURCE regenerated or "
+                             "original and MINUTES > 0")
+    return out
+
+
+def _best_until(store: Store, m: Manifest, epochs: float) -> dict[str, Any] | None:
+    """The best held-out evaluation of a run among those at or before ``epochs`` epochs."""
+    rows = _read(store, m, "train_metrics")
+    evals = [r for r in rows if r["tau_sim"] is not None and r["epoch"] <= epochs + 1e-9]
+    if not evals:
+        return None
+    best = max(evals, key=lambda r: r["tau_sim"])
+    return {"tau_sim": best["tau_sim"], "step": best["step"], "epoch": best["epoch"],
+            "wall_s": best["wall_s"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", default="/tmp/dflash-bench-train")
@@ -159,12 +203,26 @@ def main() -> None:
     ap.add_argument("--tokens-per-s", type=float, default=None,
                     help="training tokens/s for planning (default: measured by a short run)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--tokens", action="append", default=[], metavar="SOURCE=N,N,...",
+                    help="explicit response-token budgets of a source (e.g. "
+                         "original=45000,90000,180000,360000) instead of the planned doubling")
+    ap.add_argument("--top", action="append", default=[], metavar="SOURCE=MINUTES",
+                    help="the largest point of SOURCE trains MINUTES minutes (not --epochs "
+                         "epochs), evaluating every --top-eval-every steps; its figure at "
+                         "--epochs epochs is read off the same run")
+    ap.add_argument("--top-eval-every", type=int, default=1000)
     ap.add_argument("--filter-from", default=None, metavar="STORE",
                     help="use the newest committed filter output of a pipeline store (e.g. the "
                          "one `make run` wrote) instead of building data here")
     ap.add_argument("--config", default="configs/default.yaml",
                     help="the train recipe of every point (its train: section)")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw scaling.png from the scaling.json in --out")
     args = ap.parse_args()
+    if args.replot:
+        _plot(json.loads((Path(args.out) / "scaling.json").read_text()),
+              Path(args.out) / "scaling.png")
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:  # generation too: on a shared box OpenMP spin-waits make 2 threads slow
         import torch
@@ -209,6 +267,8 @@ def main() -> None:
         sel = cfg_for(src, budget).selection()
         return select_data(*splits, tgt.tokenizer, end_of_turn_id(tgt), sel).mix
 
+    explicit = _explicit_budgets(args.tokens)
+    top_minutes = _top_minutes(args.top)
     plan: dict[str, list[int]] = {}
     per_source_s = args.minutes * 60 / 2  # training seconds per source, all its points
     for src in ("regenerated", "original"):
@@ -217,6 +277,8 @@ def main() -> None:
         # a point costs epochs * ratio * budget / rate seconds; doubling points sum to ~2x the top
         cap = int(per_source_s * rate / (args.epochs * ratio * 1.9))
         plan[src] = budgets(mix["response_tokens"], cap, args.points)
+        if explicit.get(src):
+            plan[src] = sorted({min(b, mix["response_tokens"]) for b in explicit[src]})
         log.info("%s: %d response tokens available, budgets %s", src, mix["response_tokens"],
                  plan[src])
     results = []
@@ -226,6 +288,11 @@ def main() -> None:
             steps = max(1, round(args.epochs * mix["sources"][src]["sequences"]
                                  / recipe.batch_size))
             cfg = cfg_for(src, b).model_copy(update={"eval_every": max(1, steps // 4)})
+            top = src in top_minutes and b == pts[-1]
+            if top:  # a time budget; the cosine schedule spans it (docs/training.md)
+                cfg = cfg.model_copy(update={"epochs": 10_000.0, "max_steps": None,
+                                             "time_budget_min": top_minutes[src],
+                                             "eval_every": args.top_eval_every})
             t1 = time.perf_counter()
             m = run_train(store, cfg, target_dir, fm)
             d, mix = m.extra["dflash"], m.extra["data_mix"]
@@ -234,7 +301,10 @@ def main() -> None:
                             "best_tau_sim": d["best"]["tau_sim"] if d["best"] else None,
                             "best_step": d["best"]["step"] if d["best"] else None,
                             "last_tau_sim": d["last"]["tau_sim"], "train_time_s": d["train_time_s"],
-                            "stage_wall_s": time.perf_counter() - t1, "key": m.key})
+                            "stage_wall_s": time.perf_counter() - t1, "key": m.key,
+                            "time_budget_min": cfg.time_budget_min})
+            if top:
+                results[-1]["at_epochs"] = _best_until(store, m, args.epochs)
             log.info("point %s", results[-1])
     (out / "scaling.json").write_text(json.dumps(results, indent=2))
     print(f"{'source':12s} {'resp tokens':>11s} {'seqs':>5s} {'steps':>6s} {'best tau':>9s} "
@@ -242,6 +312,10 @@ def main() -> None:
     for r in results:
         print(f"{r['source']:12s} {r['response_tokens']:11d} {r['sequences']:5d} {r['steps']:6d} "
               f"{r['best_tau_sim']:9.3f} {r['last_tau_sim']:9.3f} {r['train_time_s']:8.0f}")
+        if r.get("at_epochs"):
+            a = r["at_epochs"]
+            print(f"{'':12s} {'':11s} {'':5s} {a['step']:6d} {a['tau_sim']:9.3f} "
+                  f"{'':9s} {a['wall_s']:8.0f}   (best at <= {args.epochs:g} epochs, same run)")
     _plot(results, out / "scaling.png")
     print(f"wrote {out / 'scaling.json'} and {out / 'scaling.png'}")
 
@@ -254,10 +328,19 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for src, style in (("regenerated", "o-"), ("original", "s--")):
-        pts = sorted((r["response_tokens"], r["best_tau_sim"]) for r in results
-                     if r["source"] == src and r["best_tau_sim"] is not None)
+        rows = [r for r in results if r["source"] == src and r["best_tau_sim"] is not None]
+        # the curve at equal epochs: a timed top point contributes its figure at --epochs
+        pts = sorted((r["response_tokens"],
+                      r["at_epochs"]["tau_sim"] if r.get("at_epochs") else r["best_tau_sim"])
+                     for r in rows)
         if pts:
-            ax.plot(*zip(*pts, strict=True), style, label=src)
+            line, = ax.plot(*zip(*pts, strict=True), style, label=src)
+        for r in rows:
+            if r.get("at_epochs"):  # the same run's best over its whole time budget
+                ax.plot(r["response_tokens"], r["best_tau_sim"], "*", ms=12,
+                        color=line.get_color())
+                ax.annotate(f"{r['time_budget_min']:g} min", (r["response_tokens"],
+                            r["best_tau_sim"]), textcoords="offset points", xytext=(-40, 4))
     ax.set_xscale("log", base=2)
     ax.set(xlabel="training response tokens", ylabel="held-out tau_sim (best checkpoint)",
            title="DFlash draft: data scaling (SmolLM2-135M, block 8)")

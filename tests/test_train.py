@@ -665,3 +665,39 @@ def test_smollm2_training_loss_falls_and_exports_reload(tmp_path: Path, smollm2_
     assisted = target.model.generate(ids, max_new_tokens=10, do_sample=False,
                                      assistant_model=classic)
     assert torch.equal(plain, assisted)
+
+
+def test_scaling_bench_reads_a_timed_point_at_equal_epochs(tmp_path: Path) -> None:
+    """bench/train_scaling.py --top: a timed run's figure on the curve is its best evaluation at
+    or before --epochs epochs, read off its train_metrics; its overall best stays separate."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_scaling", Path(__file__).resolve().parent.parent / "bench/train_scaling.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    store = Store(tmp_path / "store")
+    evals = [(100, 2.0, 1.20), (200, 4.0, 1.31), (300, 8.0, 1.29), (400, 8.5, 1.40),
+             (500, 12.0, 1.38)]
+    rows = [{"step": s, "epoch": e, "wall_s": s / 10, "tau_sim": t} for s, e, t in evals]
+    rows.insert(1, {"step": 150, "epoch": 3.0, "wall_s": 15.0, "tau_sim": None})  # a train row
+    with StageOutput(store, "train", "k", config={}, inputs={}) as out:
+        out.write_parquet("train_metrics.parquet", pa.Table.from_pylist(rows),
+                          table_name="train_metrics")
+        m = out.commit()
+    assert bench._best_until(store, m, 8.0) == {"tau_sim": 1.31, "step": 200, "epoch": 4.0,
+                                                "wall_s": 20.0}
+    assert bench._best_until(store, m, 12.0)["step"] == 400
+    assert bench._best_until(store, m, 1.0) is None
+    assert bench._explicit_budgets(["original=80,40"]) == {"original": [40, 80]}
+    assert bench._top_minutes(["original=60"]) == {"original": 60.0}
+    for bad in (["orig=60"], ["original=soon"], ["original=0"]):
+        with pytest.raises(SystemExit, match="--top"):
+            bench._top_minutes(bad)
+    with pytest.raises(SystemExit, match="--tokens"):
+        bench._explicit_budgets(["original=1e5"])
+    results = [{"source": "original", "response_tokens": n, "best_tau_sim": t, "at_epochs": a,
+                "time_budget_min": 60.0 if a else None}
+               for n, t, a in ((40, 1.2, None), (80, 1.4, {"tau_sim": 1.3}))]
+    bench._plot(results, tmp_path / "scaling.png")
+    assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
