@@ -339,6 +339,9 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
             if r.get("at_epochs"):  # the same run's best over its whole time budget
                 ax.plot(r["response_tokens"], r["best_tau_sim"], "*", ms=12,
                         color=line.get_color())
+                # its equal-epochs figure came mid-schedule (higher LR): an open marker
+                ax.plot(r["response_tokens"], r["at_epochs"]["tau_sim"], style[0], ms=7,
+                        color=line.get_color(), markerfacecolor="white")
                 ax.annotate(f"{r['time_budget_min']:g} min", (r["response_tokens"],
                             r["best_tau_sim"]), textcoords="offset points", xytext=(-40, 4))
     ax.set_xscale("log", base=2)
