@@ -219,9 +219,12 @@ def main() -> None:
     ap.add_argument("--replot", action="store_true",
                     help="only redraw scaling.png from the scaling.json in --out")
     args = ap.parse_args()
+    explicit, top_minutes = _explicit_budgets(args.tokens), _top_minutes(args.top)  # fail early
     if args.replot:
-        _plot(json.loads((Path(args.out) / "scaling.json").read_text()),
-              Path(args.out) / "scaling.png")
+        done = Path(args.out) / "scaling.json"
+        if not done.is_file():
+            raise SystemExit(f"--replot: {done} not found; run the curve first (same --out)")
+        _plot(json.loads(done.read_text()), Path(args.out) / "scaling.png")
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:  # generation too: on a shared box OpenMP spin-waits make 2 threads slow
@@ -267,8 +270,6 @@ def main() -> None:
         sel = cfg_for(src, budget).selection()
         return select_data(*splits, tgt.tokenizer, end_of_turn_id(tgt), sel).mix
 
-    explicit = _explicit_budgets(args.tokens)
-    top_minutes = _top_minutes(args.top)
     plan: dict[str, list[int]] = {}
     per_source_s = args.minutes * 60 / 2  # training seconds per source, all its points
     for src in ("regenerated", "original"):
