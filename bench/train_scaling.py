@@ -148,34 +148,33 @@ def budgets(available: int, cap: int, points: int) -> list[int]:
     return [max(1, top >> (points - 1 - i)) for i in range(points)]
 
 
+def _per_source(specs: list[str], flag: str, form: str, parse: Any) -> dict[str, Any]:
+    """``SOURCE=VALUE`` specs of one flag -> ``{source: parse(VALUE)}``; a bad spec exits."""
+    out: dict[str, Any] = {}
+    for spec in specs:
+        src, _, value = spec.partition("=")
+        try:
+            out[src] = parse(value) if src in ("regenerated", "original") else None
+        except ValueError:
+            out[src] = None
+        if out[src] is None:
+            raise SystemExit(f"{flag} {spec!r}: write SOURCE={form} with SOURCE regenerated or "
+                             "original")
+    return out
+
+
 def _explicit_budgets(specs: list[str]) -> dict[str, list[int]]:
     """``["original=45000,90000"]`` -> ``{"original": [45000, 90000]}`` (sorted)."""
-    out: dict[str, list[int]] = {}
-    for spec in specs:
-        src, _, nums = spec.partition("=")
-        if src not in ("regenerated", "original") or not nums:
-            raise SystemExit(f"--tokens {spec!r}: write SOURCE=N,N,... with SOURCE regenerated "
-                             "or original")
-        try:
-            out[src] = sorted(int(n) for n in nums.split(","))
-        except ValueError:
-            raise SystemExit(f"--tokens {spec!r}: budgets must be whole numbers") from None
-    return out
+    return _per_source(specs, "--tokens", "N,N,... (whole numbers)",
+                       lambda v: sorted(int(n) for n in v.split(",")))
 
 
 def _top_minutes(specs: list[str]) -> dict[str, float]:
     """``["original=60"]`` -> ``{"original": 60.0}``."""
-    out: dict[str, float] = {}
-    for spec in specs:
-        src, _, mins = spec.partition("=")
-        try:
-            out[src] = float(mins)
-        except ValueError:
-            out[src] = -1.0
-        if src not in ("regenerated", "original") or out[src] <= 0:
-            raise SystemExit(f"--top {spec!r}: write SOURCE=MINUTES with SOURCE regenerated or "
-                             "original and MINUTES > 0")
-    return out
+    def minutes(v: str) -> float | None:
+        return float(v) if float(v) > 0 else None
+
+    return _per_source(specs, "--top", "MINUTES (MINUTES > 0)", minutes)
 
 
 def _best_until(store: Store, m: Manifest, epochs: float) -> dict[str, Any] | None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -38,6 +40,19 @@ def one_thread_module() -> Iterator[None]:
     """`one_thread` for a whole module (its module-scoped fixtures run on 1 thread too)."""
     with _torch_threads(1):
         yield
+
+
+@pytest.fixture(scope="session")
+def load_bench() -> Callable[[str], ModuleType]:
+    """Import a ``bench/`` script by its name (bench/ is a folder of scripts, not a package)."""
+    def load(name: str) -> ModuleType:
+        path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

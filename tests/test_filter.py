@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import duckdb
@@ -234,15 +236,10 @@ def test_row_references_check_their_source(tmp_path: Path) -> None:
     assert [r["prompt_id"] for r in read_table(store, again, "train").to_pylist()] == ["z"]
 
 
-def test_scaling_bench_copies_a_reference_split_between_stores(tmp_path: Path) -> None:
+def test_scaling_bench_copies_a_reference_split_between_stores(tmp_path: Path, load_bench: Callable[[str], ModuleType]) -> None:
     """bench/train_scaling.py --filter-from takes another store's split: its rows must come along
     (the references point at generation shards the new store does not have)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "train_scaling", Path(__file__).resolve().parent.parent / "bench/train_scaling.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("train_scaling")
     src = Store(tmp_path / "src")
     m = run_filter(src, quiet(eval_fraction=0.5), write_generations(
         src, [[row(f"s{i}", reference=f"ref {i}") for i in range(10)]]))
@@ -428,14 +425,9 @@ def test_accepted_schema_variants(tmp_path: Path) -> None:
                                   ).fetchone()[0] == "VARCHAR"
 
 
-def test_bench_script_smoke(tmp_path: Path) -> None:
+def test_bench_script_smoke(tmp_path: Path, load_bench: Callable[[str], ModuleType]) -> None:
     """The throughput script's synthetic set meets the contract and every rule finds rows."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "filter_throughput", Path(__file__).resolve().parent.parent / "bench/filter_throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("filter_throughput")
     store = Store(tmp_path / "store")
     gens = bench.write_generations(store, rows=4000, shards=2)
     cfg = bench.bench_configs("256MB", 2)["dedupe+finish+length+ngram"]

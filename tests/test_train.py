@@ -16,7 +16,9 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pyarrow as pa
@@ -667,15 +669,10 @@ def test_smollm2_training_loss_falls_and_exports_reload(tmp_path: Path, smollm2_
     assert torch.equal(plain, assisted)
 
 
-def test_scaling_bench_reads_a_timed_point_at_equal_epochs(tmp_path: Path) -> None:
+def test_scaling_bench_reads_a_timed_point_at_equal_epochs(tmp_path: Path, load_bench: Callable[[str], ModuleType]) -> None:
     """bench/train_scaling.py --top: a timed run's figure on the curve is its best evaluation at
     or before --epochs epochs, read off its train_metrics; its overall best stays separate."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "train_scaling", Path(__file__).resolve().parent.parent / "bench/train_scaling.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("train_scaling")
     store = Store(tmp_path / "store")
     evals = [(100, 2.0, 1.20), (200, 4.0, 1.31), (300, 8.0, 1.29), (400, 8.5, 1.40),
              (500, 12.0, 1.38)]
