@@ -236,7 +236,8 @@ def test_row_references_check_their_source(tmp_path: Path) -> None:
     assert [r["prompt_id"] for r in read_table(store, again, "train").to_pylist()] == ["z"]
 
 
-def test_scaling_bench_copies_a_reference_split_between_stores(tmp_path: Path, load_bench: Callable[[str], ModuleType]) -> None:
+def test_scaling_bench_copies_a_reference_split_between_stores(
+        tmp_path: Path, load_bench: Callable[[str], ModuleType]) -> None:
     """bench/train_scaling.py --filter-from takes another store's split: its rows must come along
     (the references point at generation shards the new store does not have)."""
     bench = load_bench("train_scaling")
@@ -425,7 +426,8 @@ def test_accepted_schema_variants(tmp_path: Path) -> None:
                                   ).fetchone()[0] == "VARCHAR"
 
 
-def test_bench_script_smoke(tmp_path: Path, load_bench: Callable[[str], ModuleType]) -> None:
+def test_bench_script_smoke(
+        tmp_path: Path, load_bench: Callable[[str], ModuleType]) -> None:
     """The throughput script's synthetic set meets the contract and every rule finds rows."""
     bench = load_bench("filter_throughput")
     store = Store(tmp_path / "store")

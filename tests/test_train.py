@@ -669,7 +669,8 @@ def test_smollm2_training_loss_falls_and_exports_reload(tmp_path: Path, smollm2_
     assert torch.equal(plain, assisted)
 
 
-def test_scaling_bench_reads_a_timed_point_at_equal_epochs(tmp_path: Path, load_bench: Callable[[str], ModuleType]) -> None:
+def test_scaling_bench_reads_a_timed_point_at_equal_epochs(
+        tmp_path: Path, load_bench: Callable[[str], ModuleType]) -> None:
     """bench/train_scaling.py --top: a timed run's figure on the curve is its best evaluation at
     or before --epochs epochs, read off its train_metrics; its overall best stays separate."""
     bench = load_bench("train_scaling")
