@@ -11,7 +11,8 @@ starts. Two sources give responses:
 For every example the target contributes, from ONE forward pass over the whole sequence:
 - ``features`` [S, n*H]: hidden states of the chosen layers, concatenated (the draft's context);
 - ``greedy`` [S]: the target's argmax next token after each prefix (``greedy[p]`` follows
-  ids[:p]; ``greedy[0] = -1``), which makes tau_sim exact against the target's own choices;
+  ids[:p]; ``greedy[0] = -1``, and -1 in the prompt where the response start is given: no
+  label lives there), which makes tau_sim exact against the target's own choices;
 - ``last`` [S, H], only for distillation: the final-normed hidden states, from which the target's
   next-token distributions come back through its (frozen) LM head at training time. Storing H
   values instead of a V-wide distribution keeps the cost at H*2 bytes per token in bf16.
@@ -105,7 +106,8 @@ class FeatureRow:
 @torch.no_grad()
 def target_pass(target: Any, seqs: Sequence[Tensor], layer_ids: Sequence[int],
                 dtype: torch.dtype | None = None, greedy: bool = True,
-                keep_last: bool = False, cpu_bf16: bool = False) -> list[FeatureRow]:
+                keep_last: bool = False, cpu_bf16: bool = False,
+                starts: Sequence[int] | None = None) -> list[FeatureRow]:
     """Features (and greedy next tokens) of right-padded sequences in one batched forward.
 
     Right padding keeps every real position's causal context identical to an unpadded pass
@@ -113,6 +115,8 @@ def target_pass(target: Any, seqs: Sequence[Tensor], layer_ids: Sequence[int],
     batch it rode in, up to float rounding. ``greedy=False`` skips the LM head: training
     batches never read the greedy tokens, only tau_sim's held-out rows do. ``keep_last`` keeps
     the final hidden states, from which distillation takes the target's distributions.
+    ``starts`` (the response starts) limits the greedy tokens to where labels can be, the
+    response: from ``starts[i]`` on; the prompt's are -1.
 
     ``cpu_bf16`` runs the decoder layers of a CPU target under bf16 autocast (~1.6x faster on a
     CPU with native bf16) but the LM head in fp32, because bf16 logits turn near-ties into
@@ -131,8 +135,16 @@ def target_pass(target: Any, seqs: Sequence[Tensor], layer_ids: Sequence[int],
                                     list(layer_ids))
     last = last.to(target.dtype)
     feats = feats if dtype is None else feats.to(dtype)
-    # argmax is unchanged by soft-capping and scaling, but lm_head applies them anyway
-    nxt = target.lm_head(last).argmax(-1) if greedy else None  # [Bt, L]: token at p + 1
+    nxt = None  # [Bt, L]: the token at p + 1, only where it can be a label (the fp32 head is a
+    # third of a bf16 pass on CPU; a prompt's positions and the pads never need it)
+    if greedy:
+        need = torch.zeros(len(seqs), L, dtype=torch.bool)
+        for i, n in enumerate(lengths):  # position p predicts p + 1; the last one predicts nothing
+            need[i, (max(starts[i] - 1, 0) if starts is not None else 0): n - 1] = True
+        need = need.to(last.device)
+        nxt = torch.full((len(seqs), L), -1, dtype=torch.long, device=last.device)
+        # argmax is unchanged by soft-capping and scaling, but lm_head applies them anyway
+        nxt[need] = target.lm_head(last[need]).argmax(-1)
     rows = []
     for i, n in enumerate(lengths):
         g = None if nxt is None else torch.cat(
@@ -153,9 +165,10 @@ class OnlineFeatures:
         self.keep_last, self.greedy, self.cpu_bf16 = keep_last, greedy, cpu_bf16
 
     def get(self, indices: Sequence[int]) -> list[FeatureRow]:
-        return target_pass(self.target, [self.examples[i].ids for i in indices], self.layer_ids,
+        exs = [self.examples[i] for i in indices]
+        return target_pass(self.target, [e.ids for e in exs], self.layer_ids,
                            greedy=self.greedy, keep_last=self.keep_last,
-                           cpu_bf16=self.cpu_bf16)
+                           cpu_bf16=self.cpu_bf16, starts=[e.response_start for e in exs])
 
 
 class CachedFeatures:

@@ -211,7 +211,8 @@ def _compute_rows(target: Target, examples: list[Any], layer_ids: list[int]
                   ) -> dict[int, FeatureRow]:
     rows: dict[int, FeatureRow] = {}
     for batch in length_batches(range(len(examples)), examples, 2048):
-        rows.update(zip(batch, target_pass(target, [examples[i].ids for i in batch], layer_ids),
+        rows.update(zip(batch, target_pass(target, [examples[i].ids for i in batch], layer_ids,
+                                           starts=[examples[i].response_start for i in batch]),
                         strict=True))
     return rows
 

@@ -209,7 +209,8 @@ def run_features(store: Store, cfg: FeaturesConfig, inputs: dict[str, Any], targ
                     for batch in length_batches(shards[j], exs, cfg.batch_tokens):
                         got = target_pass(tgt, [exs[i].ids for i in batch], cfg.layer_ids,
                                           cpu_bf16=cfg.train_cpu_bf16 and split == "train",
-                                          keep_last=keep_last)
+                                          keep_last=keep_last,
+                                          starts=[exs[i].response_start for i in batch])
                         rows.update(zip(batch, got, strict=True))
                     idx = shards[j]
                     data_bytes = pack_shard(idx, [rows[i] for i in idx], cfg.dtype)

@@ -279,9 +279,15 @@ def test_online_and_cached_features_give_the_same_loss(tmp_path: Path, tiny_targ
     torch.testing.assert_close(losses["online"], losses["float32"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses["online"], losses["bfloat16"], rtol=2e-2, atol=1e-3)
     # a batch's features do not depend on what else rides in the batch (right padding)
-    alone = target_pass(target, [data.train[3].ids], layer_ids)[0].features
+    alone = target_pass(target, [data.train[3].ids], layer_ids)[0]
     torch.testing.assert_close(OnlineFeatures(target, layer_ids, data.train).get(idx)[1].features,
-                               alone, rtol=1e-4, atol=1e-5)
+                               alone.features, rtol=1e-4, atol=1e-5)
+    # with the response start given, the head runs only where a label can be: the same greedy
+    # tokens over the response, -1 in the prompt
+    ex = data.train[3]
+    cut = target_pass(target, [ex.ids], layer_ids, starts=[ex.response_start])[0].greedy
+    assert torch.equal(cut[ex.response_start:], alone.greedy[ex.response_start:])
+    assert (cut[: ex.response_start] == -1).all() and (alone.greedy[1:] >= 0).all()
 
 
 def test_bf16_feature_pass_is_close_and_only_for_the_train_split(
