@@ -272,9 +272,14 @@ def _model_section(d: Data) -> Section:
         s.note("No speculative rows in this run to model.")
         return s
     if not any(pass_costs(r) for r in rows):
-        s.note("This benchmark recorded no measured pass costs (draft_pass_s, verify_pass_s, "
-               "ar_step_s), so the model uses only the implied step cost tau/speedup; rerun the "
-               "benchmark with pass timing to split the cost into draft and verify.")
+        if any(r.get("verify_pass_s") is not None for r in rows):
+            s.note("This run has no `ar` row, so no plain step time (ar_step_s) to measure pass "
+                   "costs against; the model uses only the implied step cost tau/speedup. Add "
+                   "`ar` to the benchmark's methods to split the cost into draft and verify.")
+        else:
+            s.note("This benchmark recorded no measured pass costs (draft_pass_s, verify_pass_s, "
+                   "ar_step_s), so the model uses only the implied step cost tau/speedup; rerun "
+                   "the benchmark with pass timing to split the cost into draft and verify.")
     ar = {(r.get("dataset"), r["temperature"]): num(r.get("speedup")) for r in d.run
           if r.get("method") == "ar"}
     cbs = [(r, cost_breakdown(r, ar.get((r.get("dataset"), r["temperature"])))) for r in rows]

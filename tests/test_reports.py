@@ -228,3 +228,22 @@ def test_reference_csv_matches_method_doc() -> None:
     assert cell[("eagle3", 0.0, "humaneval")] == (2.48, 3.36)
     assert cell[("eagle3", 0.0, "alpaca")] == (1.88, 2.68)
     assert {r["hardware"] for r in ref} == {"B200"} and {r["target"] for r in ref} == {"Qwen3-8B"}
+
+
+def test_speedup_model_names_a_missing_ar_row() -> None:
+    """Pass timing without an `ar` row (no plain step time) gets a note that says to add `ar`,
+    not the one for a benchmark that timed nothing."""
+    from reports.report import Data, _model_section
+
+    def run(**extra: float) -> list[dict]:
+        return [{"method": m, "dataset": "mt_bench", "temperature": 0.0, "block_size": b,
+                 "tau": t, "speedup": s, **extra}
+                for m, b, t, s in (("hf_generate", None, 1.0, 1.0), ("dflash", 8, 1.3, 0.8))]
+
+    def notes(rows: list[dict]) -> str:
+        return " ".join(str(b) for b in _model_section(Data(run_id="r", run=rows)).blocks)
+
+    timed = notes(run(draft_pass_s=0.03, verify_pass_s=0.1))
+    assert "no `ar` row" in timed and "recorded no measured pass costs" not in timed
+    untimed = notes(run())
+    assert "recorded no measured pass costs" in untimed and "no `ar` row" not in untimed
