@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .layers import DraftLayer, RMSNorm, RotaryEmbedding
+from .layers import DraftLayer, RMSNorm, RotaryEmbedding, take_rows
 from .target import Target, choose_mask_token_id, config_rope_theta, default_target_layer_ids
 
 WEIGHTS_NAME = "model.safetensors"
@@ -225,6 +225,7 @@ class DFlashDraft(nn.Module):
         context_positions: Tensor,
         attn_mask: Tensor | None = None,
         cache: DraftKVCache | None = None,
+        rows: Tensor | None = None,
     ) -> Tensor:
         """Denoise a block (or, in training, N concatenated blocks) in one pass.
 
@@ -232,7 +233,11 @@ class DFlashDraft(nn.Module):
         a cache is given: they are appended to it, so afterwards the cache holds all context k/v);
         positions are absolute, [T]/[B, T] and [S]/[B, S]; attn_mask bool [B, 1, T, S_total + T]
         (True = may attend) or None for "see all context, bidirectional within the block".
-        Returns final-normed hidden [B, T, H].
+        Returns final-normed hidden [B, T, H], or [B, M, H] for block rows ``rows`` [B, M].
+
+        ``rows`` is for training, where the loss reads only the labelled block rows (~1 in 4 of
+        them with the target's greedy chain as labels): earlier layers still run on every row
+        (the next layer needs their keys and values), the last one only makes queries for these.
         """
         B = block_embeds.shape[0]
         dtype = self.fc.weight.dtype
@@ -244,7 +249,10 @@ class DFlashDraft(nn.Module):
             k, v = layer.self_attn.context_kv(ctx, ctx_rope)
             if cache is not None:
                 k, v = cache.update(i, k, v)
-            x = layer(x, block_rope, k, v, attn_mask)
+            last = i == len(self.layers) - 1
+            x = layer(x, block_rope, k, v, attn_mask, rows if last else None)
+        if rows is not None and not self.layers:
+            x = take_rows(x, rows)
         return self.norm(x)
 
     def export(self, folder: str | Path) -> Path:

@@ -52,6 +52,11 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
+def take_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """Gather rows [B, M] (indices along dim 1) of x [B, T, ...] -> [B, M, ...]."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], rows]
+
+
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
@@ -125,17 +130,25 @@ class InjectedAttention(nn.Module):
         ctx_k: Tensor,
         ctx_v: Tensor,
         attn_mask: Tensor | None = None,
+        rows: Tensor | None = None,
     ) -> Tensor:
         """x [B, T, H] block states; ctx_k/ctx_v [B, g, S, d]; mask bool [B, 1, T, S+T] or None.
 
         With no mask every block token attends to every context position and bidirectionally to
         the whole block (the inference case, where the context is exactly the verified prefix).
+        ``rows`` [B, M] asks for the outputs of those block rows only: every row still gives its
+        key and value, but only M rows make queries, so the output is [B, M, H].
         """
         B, T, _ = x.shape
         cos, sin = rope
+        k_blk, v_blk = self._kv(x, cos, sin)
+        if rows is not None:  # queries from the chosen rows only (their rotary and mask rows too)
+            x, cos, sin = take_rows(x, rows), take_rows(cos, rows), take_rows(sin, rows)
+            if attn_mask is not None:
+                attn_mask = take_rows(attn_mask[:, 0], rows)[:, None]
+            T = x.shape[1]
         q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim))
         q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, h, T, d]
-        k_blk, v_blk = self._kv(x, cos, sin)
         k = torch.cat([ctx_k, k_blk], dim=2)  # [B, g, S+T, d]
         v = torch.cat([ctx_v, v_blk], dim=2)
         # GQA: each kv head serves num_heads // num_kv_heads query heads.
@@ -176,6 +189,15 @@ class DraftLayer(nn.Module):
         ctx_k: Tensor,
         ctx_v: Tensor,
         attn_mask: Tensor | None = None,
+        rows: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, ctx_k, ctx_v, attn_mask)
+        """x [B, T, H] -> [B, T, H], or [B, M, H] for the block rows ``rows`` [B, M] only.
+
+        Every row's key and value enter the attention either way, so the chosen rows' outputs
+        equal those of the full pass; the other rows skip their query, attention, output
+        projection and MLP. In a draft's last layer that is exact and saves most of the layer
+        wherever the loss reads few rows (`DFlashDraft.forward`).
+        """
+        attn = self.self_attn(self.input_layernorm(x), rope, ctx_k, ctx_v, attn_mask, rows)
+        x = (x if rows is None else take_rows(x, rows)) + attn
         return x + self.mlp(self.post_attention_layernorm(x))

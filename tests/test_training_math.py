@@ -199,3 +199,39 @@ def test_cpu_bf16_autocast_trains_in_bf16_with_fp32_weights() -> None:
     native = cpu_has_native_bf16()
     assert isinstance(autocast_context(cpu, False, "auto"), torch.autocast) == native
     assert cpu_bf16_on(cpu, "auto") == native and not cpu_bf16_on(cpu, False)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_selected_rows_give_the_full_pass_values_and_gradients(layers: int) -> None:
+    """Queries for the labelled rows only (`selected_hidden`) change nothing but the cost: the
+    same hidden states, in ``full[sel]`` order, and the same gradients, with sequences that
+    select different numbers of rows (one selects none)."""
+    from dflash_models.blocks import DFlashTrainModule, make_dflash_batch, selected_hidden
+
+    target, _ = _tiny_pair()
+    torch.manual_seed(1)
+    draft = DFlashDraft(DFlashDraftConfig.from_target(target, layers, block_size=4,
+                                                      mask_token_id=47))
+    module = DFlashTrainModule(draft)
+    ids = [torch.randint(0, 40, (12,)), torch.randint(0, 40, (9,)), torch.randint(0, 40, (10,))]
+    feats = [torch.randn(len(s), 4 * 32) for s in ids]
+    anchors = [torch.tensor([2, 6, 9]), torch.tensor([3, 5]), torch.tensor([4])]
+    batch = make_dflash_batch(ids, feats, anchors, 4, 47, gamma=2.0)
+    sel = batch.labels != IGNORE_INDEX
+    sel[0, 1:3] = False  # uneven counts, holes inside a block
+    sel[2] = False  # a sequence with nothing to learn
+    embeds = target.embed(batch.block_ids)
+    results = []
+    for fast in (False, True):
+        draft.zero_grad()
+        if fast:
+            hidden = selected_hidden(module, embeds, batch, sel)
+        else:
+            hidden = module(embeds, batch.features, batch.block_positions, batch.mask)[sel]
+        (hidden * torch.linspace(-1, 1, hidden.numel()).view_as(hidden)).sum().backward()
+        results.append((hidden.detach(), [p.grad.clone() for p in draft.parameters()]))
+    (full, full_grads), (fast, fast_grads) = results
+    assert fast.shape == (int(sel.sum()), 32)
+    torch.testing.assert_close(fast, full)
+    for a, b in zip(fast_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b)
