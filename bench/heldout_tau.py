@@ -54,11 +54,12 @@ def held_out(store: Store, config: str, max_seqs: int, tokenizer: object,
     """The train split's original answers that ``config``'s data selection leaves out."""
     from bench.train_recipe import newest
     from flows.config import load_config
+    from tasks.train import TrainConfig
     from tasks.train_features import DataSelection, load_split, select_data
 
     fm = newest(store, "filter")
     train, ev = load_split(store, fm, "train"), load_split(store, fm, "eval")
-    sel = load_config(config).train.data.model_dump()
+    sel = TrainConfig(**load_config(config).train.model_dump()).selection().model_dump()
     used = select_data(train, ev, tokenizer, eos, DataSelection(**sel)).train
     every = select_data(train, ev, tokenizer, eos,
                         DataSelection(**{**sel, "max_train_tokens": None})).train
