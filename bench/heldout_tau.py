@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dflash_models.blocks import (  # noqa: E402
     IGNORE_INDEX,
+    BlockStats,
     DFlashTrainModule,
     VocabHead,
     greedy_block_labels,
@@ -54,12 +55,11 @@ def held_out(store: Store, config: str, max_seqs: int, tokenizer: object,
     """The train split's original answers that ``config``'s data selection leaves out."""
     from bench.train_recipe import newest
     from flows.config import load_config
-    from tasks.train import TrainConfig
     from tasks.train_features import DataSelection, load_split, select_data
 
     fm = newest(store, "filter")
     train, ev = load_split(store, fm, "train"), load_split(store, fm, "eval")
-    sel = TrainConfig(**load_config(config).train.model_dump()).selection().model_dump()
+    sel = load_config(config).train.selection().model_dump()
     used = select_data(train, ev, tokenizer, eos, DataSelection(**sel)).train
     every = select_data(train, ev, tokenizer, eos,
                         DataSelection(**{**sel, "max_train_tokens": None})).train
@@ -85,7 +85,7 @@ def score(draft: DFlashDraft, target: object, exs: list[Example],
           rows: list[FeatureRow]) -> dict[str, object]:
     """tau_sim and offset-1 accuracy over every response anchor, split copy / other."""
     module, head = DFlashTrainModule(draft), VocabHead(target, draft.draft_ids)
-    tally = {"copy": [0, 0, 0.0], "other": [0, 0, 0.0]}  # offset-1 hits, blocks, tau sum
+    stats = {k: BlockStats(BLOCK) for k in ("all", "copy", "other")}
     for ex, r in zip(exs, rows, strict=True):
         ids = r.ids
         anchors = torch.arange(max(ex.response_start, 1), int(ids.shape[0]) - 1)
@@ -96,27 +96,34 @@ def score(draft: DFlashDraft, target: object, exs: list[Example],
         logits = head.logits(selected_hidden(module, target.embed(b.block_ids), b, sel))
         pred = torch.full_like(b.labels, -1)
         pred[sel] = head.to_target(logits.argmax(-1))
-        pred, lab = pred.reshape(-1, BLOCK)[:, 1:], b.labels.reshape(-1, BLOCK)[:, 1:]
-        last: dict[tuple[int, int], int] = {}  # bigram -> its latest end position
-        for p in range(1, ex.response_start):
-            last[(int(ids[p - 1]), int(ids[p]))] = p
-        for n, a in enumerate(anchors.tolist()):
-            bigram = (int(ids[a - 1]), int(ids[a]))
-            if lab[n, 0] >= 0:
-                j = last.get(bigram)
-                kind = "copy" if j is not None and int(ids[j + 1]) == int(lab[n, 0]) else "other"
-                ok = (pred[n] == lab[n]) & (lab[n] >= 0)
-                tally[kind][0] += int(ok[0])
-                tally[kind][1] += 1
-                tally[kind][2] += 1.0 + float(torch.cumprod(ok.long(), 0).sum())
-            last[bigram] = a
-    blocks = sum(t[1] for t in tally.values())
-    out: dict[str, object] = {"blocks": blocks,
-                              "tau_sim": round(sum(t[2] for t in tally.values()) / blocks, 4)}
-    for kind, (hit, n, tau) in tally.items():
-        out[kind] = {"blocks": n, "acc1": round(hit / max(n, 1), 4),
-                     "tau_sim": round(tau / max(n, 1), 4)}
+        pred, lab = pred.reshape(-1, BLOCK), b.labels.reshape(-1, BLOCK)
+        stats["all"].update(pred, lab)
+        copy = torch.tensor([j is not None and int(ids[j + 1]) == int(lab[n, 1])
+                             for n, j in enumerate(earlier_bigram_ends(ids, anchors))],
+                            dtype=torch.bool)
+        stats["copy"].update(pred[copy], lab[copy])
+        stats["other"].update(pred[~copy], lab[~copy])
+    out: dict[str, object] = {}
+    for kind, st in stats.items():
+        res = st.result()
+        out[kind] = {"blocks": res["eval_blocks"], "acc1": round(res["acc"][0], 4),
+                     "tau_sim": round(res["tau_sim"], 4)}
     return out
+
+
+def earlier_bigram_ends(ids: torch.Tensor, anchors: torch.Tensor) -> list[int | None]:
+    """For each anchor a, the latest j < a where the bigram (ids[a-1], ids[a]) also ended: prompt
+    lookup would draft ids[j + 1] there."""
+    last: dict[tuple[int, int], int] = {}
+    out: list[int | None] = []
+    seq = ids.tolist()
+    first = int(anchors[0]) if anchors.numel() else len(seq)
+    for p in range(1, len(seq)):
+        bigram = (seq[p - 1], seq[p])
+        if p >= first:
+            out.append(last.get(bigram))
+        last[bigram] = p
+    return out[: anchors.numel()]
 
 
 def main() -> None:
@@ -148,8 +155,10 @@ def main() -> None:
     for folder, draft in zip(folders, drafts, strict=True):
         if list(draft.config.target_layer_ids) != layer_ids:
             raise SystemExit(f"{folder}: other target layers than {folders[0]}; score it alone")
+        res = score(draft, target, exs, rows)
         print(json.dumps({"draft": folder, "layers": draft.config.num_layers,
-                          **score(draft, target, exs, rows)}))
+                          "blocks": res["all"]["blocks"], "tau_sim": res["all"]["tau_sim"],
+                          "copy": res["copy"], "other": res["other"]}))
 
 
 if __name__ == "__main__":
