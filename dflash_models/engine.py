@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from .blocks import VocabHead
-from .draft import DFlashDraft, DraftKVCache, check_compatible
+from .draft import DFlashDraft, check_compatible
+from .fast_draft import Drafter, EagerDrafter
 from .sampling import (
     accept_deterministic,
     first_divergence,
@@ -267,57 +267,29 @@ def generate_ar(
 # ---------------------------------------------------------------------------------------------
 
 
-def _dflash_draft_block(
-    target: Target,
-    head: VocabHead,
-    draft: DFlashDraft,
-    dcache: DraftKVCache,
-    new_features: Tensor,
-    ctx_start: int,
-    block_ids: Tensor,
-) -> list[int]:
-    """One draft pass: feed the not-yet-cached context, denoise [anchor, masks]; argmax drafts.
-
-    new_features [1, S_new, n*H] are the target features of positions ctx_start..ctx_start+S_new-1
-    (they enter the draft cache for good); block_ids [1, b] = [anchor, mask, ...] sits at
-    positions right after them. Only the mask positions are read: position 0 is the anchor.
-    """
-    device = block_ids.device
-    s_new, b = new_features.shape[1], block_ids.shape[1]
-    ctx_pos = torch.arange(ctx_start, ctx_start + s_new, device=device)[None]
-    block_pos = torch.arange(ctx_start + s_new, ctx_start + s_new + b, device=device)[None]
-    hidden = draft(
-        target.embed(block_ids),
-        draft.project_context(new_features),
-        block_pos,
-        ctx_pos,
-        cache=dcache,
-    )
-    # The draft is deterministic (argmax) even at T > 0: a point-mass q keeps verification
-    # lossless with the simple "target sample equals draft token" rule. With a reduced draft
-    # vocabulary the argmax is over the draft's ids, mapped back to target ids.
-    return head.to_target(head.logits(hidden[:, 1:]).argmax(dim=-1))[0].tolist()
-
-
 @torch.inference_mode()
 def generate_dflash(
     target: Target,
-    draft: DFlashDraft,
+    draft: DFlashDraft | Drafter,
     prompt_ids: Sequence[int] | Tensor,
     cfg: GenerationConfig,
 ) -> GenerationResult:
-    """DFlash decoding (dflash-method.md section 2, inference loop), batch 1."""
+    """DFlash decoding (dflash-method.md section 2, inference loop), batch 1.
+
+    ``draft`` is a DFlashDraft (run eagerly) or a drafter (fast_draft.py: `FastDraft` is the
+    fixed-shape, CUDA-graph pass that pairs with a `StaticLM` target).
+    """
     check_compatible(draft.config, target, draft.draft_ids)
+    drafter = EagerDrafter(target, draft) if isinstance(draft, DFlashDraft) else draft
     t0 = time.perf_counter()
-    head = VocabHead(target, draft.draft_ids)
     res = GenerationResult()
     out = _Emitter(res, cfg, _stop_ids(cfg, target))
     if out.done:
         return res
-    block_size = cfg.block_size or draft.config.block_size
+    block_size = cfg.block_size or drafter.config.block_size
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    layer_ids = list(draft.config.target_layer_ids)
+    layer_ids = list(drafter.config.target_layer_ids)
     temperature = cfg.temperature
     gen = make_generator(cfg.seed, target.device)
 
@@ -333,8 +305,8 @@ def generate_dflash(
 
     t_len = ids.shape[1]  # tokens in the target cache; the anchor sits at position t_len
     pending, ctx_start = pre.features, 0  # features the draft has not cached yet, and where
-    dcache = DraftKVCache()
-    block_ids = torch.full((1, block_size), draft.config.mask_token_id, device=target.device)
+    drafter.reset()
+    block_ids = torch.full((1, block_size), drafter.config.mask_token_id, device=target.device)
     while not out.done:
         ts = time.perf_counter()
         # 2. Draft pass over the uncached context + [anchor, masks]. Never draft past the
@@ -343,9 +315,7 @@ def generate_dflash(
         drafts: list[int] = []
         if b > 1:
             block_ids[0, 0] = anchor
-            drafts = _dflash_draft_block(
-                target, head, draft, dcache, pending, ctx_start, block_ids[:, :b]
-            )
+            drafts = drafter.propose(pending, ctx_start, block_ids[:, :b])
             res.n_draft_passes += 1
             ctx_start += pending.shape[1]
             pending = pending[:, :0]

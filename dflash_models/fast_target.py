@@ -75,8 +75,10 @@ class StaticKVCache:
         return self.length
 
     def crop(self, max_length: int) -> None:
-        """transformers' semantics: a negative value removes that many positions from the end."""
-        self.length = self.length + max_length if max_length < 0 else min(max_length, self.length)
+        """transformers' semantics: a negative value removes that many positions from the end,
+        0 removes nothing (the engine crops by 0 after a fully accepted block), a positive one
+        is the length to keep."""
+        self.length = self.length + max_length if max_length <= 0 else min(max_length, self.length)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from dflash_models.engine import (
     generate_classic,
     generate_dflash,
 )
+from dflash_models.fast_draft import EagerDrafter
 from dflash_models.sampling import (
     accept_deterministic,
     first_divergence,
@@ -125,20 +126,20 @@ def patch_draft(monkeypatch: pytest.MonkeyPatch, propose: Callable[[int, int], l
     the real draft, its cache and the context bookkeeping still run. Returns the list of
     block anchor positions seen.
     """
-    real = engine._dflash_draft_block
+    real = EagerDrafter.propose
     seen: list[int] = []
 
-    def fake(target, head, draft, dcache, new_features, ctx_start, block_ids):
-        assert len(dcache) == ctx_start, "draft cache must hold exactly the context before"
-        real(target, head, draft, dcache, new_features, ctx_start, block_ids)
+    def fake(self, new_features, ctx_start, block_ids):
+        assert len(self.cache) == ctx_start, "draft cache must hold exactly the context before"
+        real(self, new_features, ctx_start, block_ids)
         pos = ctx_start + new_features.shape[1]
-        assert len(dcache) == pos, "draft cache must hold context only, never block k/v"
+        assert len(self.cache) == pos, "draft cache must hold context only, never block k/v"
         if check is not None:
-            check(target, new_features, ctx_start, block_ids)
+            check(self.target, new_features, ctx_start, block_ids)
         seen.append(pos)
         return propose(pos, block_ids.shape[1] - 1)
 
-    monkeypatch.setattr(engine, "_dflash_draft_block", fake)
+    monkeypatch.setattr(EagerDrafter, "propose", fake)
     return seen
 
 
@@ -354,8 +355,6 @@ def test_reduced_draft_vocabulary_drafts_only_its_ids_and_stays_exact(
         tmp_path, one_thread, monkeypatch) -> None:
     """A draft with a draft-to-target id map (EAGLE-3 style) proposes only mapped ids, round-trips
     through export/load, and verification keeps the output exact."""
-    import dflash_models.engine as engine
-
     target = Target.from_model(tiny_model("qwen3"))
     prompt = list(range(3, 15))
     ref = hf_greedy(target, prompt, 24)
@@ -364,14 +363,14 @@ def test_reduced_draft_vocabulary_drafts_only_its_ids_and_stays_exact(
     loaded = DFlashDraft.load(draft.export(tmp_path / "d"))
     assert torch.equal(loaded.draft_ids, draft.draft_ids)
     proposed: list[int] = []
-    real = engine._dflash_draft_block
+    real = EagerDrafter.propose
 
     def spy(*args, **kwargs):
         got = real(*args, **kwargs)
         proposed.extend(got)
         return got
 
-    monkeypatch.setattr(engine, "_dflash_draft_block", spy)
+    monkeypatch.setattr(EagerDrafter, "propose", spy)
     res = generate_dflash(target, loaded, prompt, GenerationConfig(max_new_tokens=24))
     assert res.output_ids == ref
     assert proposed and set(proposed) <= {3, 5, 7, 11, 13, 17, 19, 23}

@@ -105,3 +105,14 @@ def test_smollm2_greedy_matches_generate(smollm2_dir) -> None:
                                       max_new_tokens=24)[0, len(prompt):].tolist()
         got = generate_ar(fast, prompt, GenerationConfig(max_new_tokens=24)).output_ids
         assert got == ref[: len(got)] and len(got) == len(ref)
+
+
+def test_cropping_nothing_keeps_the_cache() -> None:
+    """crop(0) is what the engine calls after a fully accepted block: it must remove nothing
+    (it once emptied the cache, and every token after a whole accepted block was wrong)."""
+    cache = StaticKVCache(1, 1, 4, torch.float32, torch.device("cpu"), capacity=8)
+    cache.length = 6
+    cache.crop(0)
+    assert cache.length == 6
+    cache.crop(-2)
+    assert cache.length == 4
