@@ -30,6 +30,15 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 SUPPORTED = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# transformers 5.2x renamed the output's `past_key_values` field to `cache` (5.17 has the old name)
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else \
+    "past_key_values"
+
+
+def lm_output(logits: Tensor, cache: Any, hidden: tuple[Tensor, ...] | None
+              ) -> CausalLMOutputWithPast:
+    """The model output transformers' own forward returns, under this version's field names."""
+    return CausalLMOutputWithPast(logits=logits, hidden_states=hidden, **{_CACHE_FIELD: cache})
 
 
 def supports(model: nn.Module) -> str | None:
@@ -201,6 +210,5 @@ class FastLM(nn.Module):
         if hidden is not None:
             hidden[-1] = x  # as transformers: the last entry is after the final norm
         keep = x[:, -logits_to_keep:] if logits_to_keep else x
-        return CausalLMOutputWithPast(logits=self.hf.get_output_embeddings()(keep),
-                                      cache=cache,
-                                      hidden_states=tuple(hidden) if hidden else None)
+        return lm_output(self.hf.get_output_embeddings()(keep), cache,
+                         tuple(hidden) if hidden else None)

@@ -31,10 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cuda_graphs import GraphRunner, graphs_available
-from .fast_target import FastLM, StaticKVCache, _rms_norm, _rotate_half
+from .fast_target import FastLM, StaticKVCache, _rms_norm, _rotate_half, lm_output
 
 
 def _layer(x: Tensor, in_norm: Tensor, post_norm: Tensor, wqkv: Tensor, bqkv: Tensor | None,
@@ -101,7 +100,7 @@ class StaticLM(FastLM):
     def forward(self, input_ids: Tensor, past_key_values: StaticKVCache | None = None,
                 attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 use_cache: bool = True, output_hidden_states: bool = False,
-                logits_to_keep: int = 0, **_: Any) -> CausalLMOutputWithPast:
+                logits_to_keep: int = 0, **_: Any) -> Any:
         """Batch 1; `hidden_states[j + 1]` is layer j's output, the last entry is final-normed."""
         if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
             raise ValueError("fast path: batch 1 without padding only; use the general path")
@@ -124,7 +123,7 @@ class StaticLM(FastLM):
         else:
             logits, hidden = step(input_ids, pos)
         self.cache.length = start + T
-        return CausalLMOutputWithPast(logits=logits, cache=self.cache, hidden_states=hidden)
+        return lm_output(logits, self.cache, hidden)
 
     def _step(self, ids: Tensor, pos: Tensor, output_hidden: bool, keep: int
               ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
