@@ -9,12 +9,12 @@ A drafter has two methods the decoding loop calls (engine.generate_dflash):
 
 `EagerDrafter` is the reference: `DraftKVCache` grows by concatenation and every pass has the
 shapes of its inputs. `FastDraft` computes the same thing with fixed shapes: a context cache of
-``max_len + block_size`` positions allocated once, new context padded to ``block_size`` rows (a
-verify pass hands over at most block_size features; the padding rows are written past the valid
-length, masked, and overwritten by the next pass), attention over the whole cache under a
-``key position < context length`` mask, rotary tables indexed by position tensors. A pass with a
-full block and at most block_size new features is captured once as a CUDA graph on CUDA; the
-first pass (the whole prompt's features) and a last partial block run the same code eagerly.
+``max_len + block_size`` positions allocated once, new context padded to the block's length b (a
+verify pass of b tokens hands over at most b features; the padding rows are written past the
+valid length, masked, and overwritten by the next pass), attention over the whole cache under a
+``key position < context length`` mask, rotary tables indexed by position tensors. A pass is
+captured once per block length b as a CUDA graph on CUDA; the first pass (the whole prompt's
+features, longer than a block) runs the same code eagerly.
 """
 
 from __future__ import annotations
@@ -61,23 +61,25 @@ class FastDraft:
     """`EagerDrafter`'s pass with fixed shapes per block size (see the module docstring).
 
     Build it once per (target, draft) pair and reuse it across prompts: its graphs and cache are
-    allocated once. ``max_len`` bounds the context (prompt + generated tokens).
+    allocated once. ``max_len`` bounds the context (prompt + generated tokens), ``max_block``
+    the block length (default: the draft's own).
     """
 
     def __init__(self, target: Target, draft: DFlashDraft, max_len: int,
-                 cuda_graphs: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, max_block: int | None = None) -> None:
         self.target, self.draft = target, draft
         c = self.config = draft.config
         self.draft_ids = draft.draft_ids
         self.head = VocabHead(target, draft.draft_ids)
         p = draft.fc.weight
-        self.capacity = int(max_len) + c.block_size
+        block = max_block or c.block_size
+        self.capacity = int(max_len) + block  # room for a padded last context
         shape = (len(draft.layers), 1, c.num_kv_heads, self.capacity, c.head_dim)
         self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.length = 0
         # positions up to capacity + block: a block sits right after the (padded) context
-        self.positions = torch.arange(self.capacity + c.block_size, device=p.device)
+        self.positions = torch.arange(self.capacity + block, device=p.device)
         with torch.no_grad():
             self.cos, self.sin = draft.rotary(self.positions[None])  # [1, N, d] float32
         enabled = graphs_available(p.device) if cuda_graphs is None else cuda_graphs
@@ -93,9 +95,8 @@ class FastDraft:
     def propose(self, new_features: Tensor, ctx_start: int, block_ids: Tensor) -> list[int]:
         if ctx_start != self.length:
             raise ValueError(f"FastDraft: context starts at {ctx_start}, cache holds {self.length}")
-        B = self.config.block_size
         s_new, b = new_features.shape[1], block_ids.shape[1]
-        rows = B if s_new <= B else s_new  # pad to the fixed shape where it fits
+        rows = max(s_new, b)  # a verify pass hands over at most b features: pad them to b
         if ctx_start + rows > self.capacity:
             raise ValueError(f"FastDraft: context of {ctx_start + rows} positions > capacity "
                              f"{self.capacity}; build it with a larger max_len")
@@ -105,8 +106,8 @@ class FastDraft:
         valid = self.positions[ctx_start + s_new: ctx_start + s_new + 1]  # [1]: context length
         block_pos = self.positions[ctx_start + s_new: ctx_start + s_new + b]
         inputs = (new_features, ctx_pos, valid, block_ids, block_pos)
-        if rows == B and b == B:
-            drafts = self.graphs(("draft", B), self._step, inputs)
+        if rows == b:
+            drafts = self.graphs(("draft", b), self._step, inputs)
         else:
             drafts = self._step(*inputs)
         self.length = ctx_start + s_new
