@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .layers import DraftLayer, RMSNorm, RotaryEmbedding, take_rows
+from .serving import SERVING_NAME, serving_md
 from .target import Target, choose_mask_token_id, config_rope_theta, default_target_layer_ids
 
 WEIGHTS_NAME = "model.safetensors"
@@ -301,7 +302,7 @@ class DFlashDraft(nn.Module):
         """Write the serving layout every DFlash loader reads (docs/serving.md).
 
         config.json + model.safetensors (no embedding; the reference's module names) +
-        ``modeling_dflash.py`` for `AutoModel(trust_remote_code=True)`. A reduced draft
+        ``modeling_dflash.py`` for `AutoModel(trust_remote_code=True)` + SERVING.md. A reduced draft
         vocabulary is written in vLLM's form: ``lm_head`` [K, H] (``lm_head``: the target's
         head rows of ``draft_ids``) in model.safetensors, ``draft_vocab_size: K`` in the
         config and ``d2t`` OFFSETS (target id = i + d2t[i]) in draft_vocab.safetensors.
@@ -323,6 +324,7 @@ class DFlashDraft(nn.Module):
         hf = self.config.to_hf_dict(dtype, None if ids is None else int(ids.numel()))
         (folder / CONFIG_NAME).write_text(json.dumps(hf, indent=2) + "\n")
         (folder / MODELING_NAME).write_bytes((Path(__file__).parent / MODELING_NAME).read_bytes())
+        (folder / SERVING_NAME).write_text(serving_md(hf))
         return folder
 
     @classmethod
