@@ -174,6 +174,16 @@ def test_old_form_folder_loads_with_the_same_draft(exports: dict[str, Any], tmp_
     assert torch.equal(got_new.draft_ids, exports["ids"]) and got_old.head_rows is None
     for a, b in zip(got_old.state_dict().values(), got_new.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+    # a head of its own that is not the target's rows would be silently ignored: refused
+    other = tmp_path / "other-head"
+    shutil.copytree(exports["reduced"], other)
+    weights = load_file(str(other / "model.safetensors"))
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 2
+    save_file(weights, str(other / "model.safetensors"))
+    from storage import DflashError
+
+    with pytest.raises(DflashError, match="lm_head is not the target's head"):
+        bm.load_dflash(other, target)
 
 
 def _reference_saved(Ref: Any, target: Any, folder: Path, seed: int, hub: bool) -> Path:
