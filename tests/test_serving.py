@@ -115,6 +115,16 @@ def test_export_carries_the_fields_engines_read(exports: dict[str, Any], target:
     assert "Which tau to expect" in (exports["reduced"] / "SERVING.md").read_text()
 
 
+def test_export_dtype(exports: dict[str, Any], tmp_path: Path) -> None:
+    """`train.export_dtype`: the weights on disk and the config's dtype follow it."""
+    folder = exports["draft"].export(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert {t.dtype for t in load_file(str(folder / "model.safetensors")).values()} == {
+        torch.bfloat16}
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    assert DFlashDraft.load(folder).fc.weight.dtype == torch.bfloat16
+    assert exports["draft"].fc.weight.dtype == torch.float32  # exporting does not cast the draft
+
+
 @pytest.mark.parametrize("form", ["full", "reduced"])
 def test_reference_class_and_automodel_give_the_projects_logits(
         exports: dict[str, Any], target: Any, Ref: Any, form: str) -> None:

@@ -651,7 +651,7 @@ def test_smollm2_training_loss_falls_and_exports_reload(tmp_path: Path, smollm2_
         dest.write_bytes(store.read_bytes(f"{m.prefix}/{f.path}"))
     hf = json.loads((out / "dflash-draft/config.json").read_text())
     assert hf["architectures"] == ["DFlashDraftModel"] and hf["block_size"] == 8
-    assert set(hf["dflash_config"]) == {"mask_token_id", "target_layer_ids"}
+    assert set(hf["dflash_config"]) == {"mask_token_id", "target_layer_ids", "causal", "use_swa"}
     assert not any("embed" in k or "lm_head" in k
                    for k in load_file(out / "dflash-draft/model.safetensors"))
     draft = DFlashDraft.load(out / "dflash-draft")
