@@ -167,6 +167,27 @@ def test_reference_class_and_automodel_give_the_projects_logits(
     assert torch.equal(small.argmax(-1) + d2t[small.argmax(-1)], proposals)
 
 
+def test_automodel_cache_path_equals_one_pass(exports: dict[str, Any], target: Any) -> None:
+    """The reference loop's use of a draft cache (context k/v kept, block k/v cropped away)
+    gives what one uncached pass over the whole context gives."""
+    from transformers import AutoModel, DynamicCache
+
+    auto = AutoModel.from_pretrained(exports["full"], trust_remote_code=True).eval()
+    feats, block = _inputs(target, auto.target_layer_ids, auto.mask_token_id)
+    emb, S, s1 = target.embed(block), feats.shape[1], feats.shape[1] // 2
+    with torch.no_grad():
+        whole = auto(position_ids=torch.arange(S + BLOCK)[None], noise_embedding=emb,
+                     target_hidden=feats)
+        cache = DynamicCache(config=auto.config)
+        auto(position_ids=torch.arange(s1 + BLOCK)[None], noise_embedding=emb,
+             target_hidden=feats[:, :s1], past_key_values=cache, use_cache=True)
+        cache.crop(-BLOCK)  # drop the block's k/v: only verified context stays
+        assert cache.get_seq_length() == s1
+        split = auto(position_ids=torch.arange(s1, S + BLOCK)[None], noise_embedding=emb,
+                     target_hidden=feats[:, s1:], past_key_values=cache, use_cache=True)
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
+
+
 def test_old_form_folder_loads_with_the_same_draft(exports: dict[str, Any], tmp_path: Path,
                                                    target: Any) -> None:
     """The first reduced form (d2t = absolute ids, no head, no draft_vocab_size) still loads."""
