@@ -302,8 +302,8 @@ class DFlashDraft(nn.Module):
         """Write the serving layout every DFlash loader reads (docs/serving.md).
 
         config.json + model.safetensors (no embedding; the reference's module names) +
-        ``modeling_dflash.py`` for `AutoModel(trust_remote_code=True)` + SERVING.md. A reduced draft
-        vocabulary is written in vLLM's form: ``lm_head`` [K, H] (``lm_head``: the target's
+        ``modeling_dflash.py`` for `AutoModel(trust_remote_code=True)` + SERVING.md. A reduced
+        draft vocabulary is written in vLLM's form: ``lm_head`` [K, H] (``lm_head``: the target's
         head rows of ``draft_ids``) in model.safetensors, ``draft_vocab_size: K`` in the
         config and ``d2t`` OFFSETS (target id = i + d2t[i]) in draft_vocab.safetensors.
         ``dtype``: the weights' dtype on disk (default: as trained).
@@ -337,8 +337,8 @@ class DFlashDraft(nn.Module):
         """Inverse of `export`; dtype defaults to the dtype the weights were saved in.
 
         Reads both vocabulary forms: vLLM's (``draft_vocab_size`` in the config, ``d2t`` =
-        offsets, own ``lm_head``, which must equal the target's rows: `check_compatible`
-        gets it) and the first one (``d2t`` = absolute sorted target ids, no head). Also reads
+        offsets, own ``lm_head``, kept as ``head_rows`` for `head_matches`: the engine drafts
+        with the target's rows) and the first one (``d2t`` = absolute sorted target ids, no head). Also reads
         folders the reference class saved (same weight names; config fields per
         `DFlashDraftConfig.from_hf_dict`).
         """

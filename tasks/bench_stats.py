@@ -177,7 +177,7 @@ def _acceptance(samples: list[Sample]) -> tuple[float | None, list[float], list[
 
 def summary_rows(runs: list[Run], cfg: Any, common: dict[str, Any], drafts: dict[str, Any],
                  info: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (method, dataset, temperature, block_size) of this run."""
+    """One row per (method, dataset, temperature, block_size, draft_vocab) of this run."""
     groups: dict[tuple[str, str, float, int | None, int | None], list[Run]] = defaultdict(list)
     for r in runs:
         groups[(r.method, r.dataset, r.temperature, r.block_size, r.draft_vocab)].append(r)
