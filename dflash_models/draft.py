@@ -23,11 +23,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .layers import DraftLayer, RMSNorm, RotaryEmbedding, take_rows
+from .serving import SERVING_NAME, serving_md
 from .target import Target, choose_mask_token_id, config_rope_theta, default_target_layer_ids
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-VOCAB_NAME = "draft_vocab.safetensors"  # optional: {"d2t": sorted target ids of the draft head}
+VOCAB_NAME = "draft_vocab.safetensors"  # reduced vocabulary only: {"d2t": [K] long}
+MODELING_NAME = "modeling_dflash.py"  # copied into the export: AutoModel(trust_remote_code=True)
+HEAD_KEY = "lm_head.weight"  # a reduced draft's own head [K, H]: the target's rows (vLLM reads it)
 
 
 @dataclass
@@ -88,22 +91,33 @@ class DFlashDraftConfig:
             qk_norm=qk_norm,
         )
 
-    def to_hf_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    def to_hf_dict(self, dtype: torch.dtype = torch.float32,
+                   draft_vocab_size: int | None = None) -> dict[str, Any]:
         """The config.json serving engines read (HF naming), plus our own exact fields.
 
         model_type is "qwen3" (or "llama" without q/k norm) because that is the layer stack the
-        weights follow, so `AutoConfig` can parse the file without remote code.
+        weights follow, so `AutoConfig` can parse the file without remote code; ``auto_map``
+        points `AutoModel(trust_remote_code=True)` at the modeling file shipped beside it.
+        ``causal``/``use_swa`` are written although false is what vLLM assumes when they are
+        absent: a reader's default can change, an explicit field cannot. ``draft_vocab_size``
+        (vLLM's name) marks the reduced-vocabulary form: own ``lm_head`` + ``d2t`` offsets.
         """
         dtype_name = str(dtype).removeprefix("torch.")
+        reduced = {"draft_vocab_size": int(draft_vocab_size)} if draft_vocab_size else {}
         return {
             "architectures": ["DFlashDraftModel"],
+            "auto_map": {"AutoModel": f"{MODELING_NAME.removesuffix('.py')}.DFlashDraftModel"},
             "model_type": "qwen3" if self.qk_norm else "llama",
             "block_size": self.block_size,
             "num_target_layers": self.num_target_layers,
+            **reduced,
             "dflash_config": {
                 "mask_token_id": self.mask_token_id,
                 "target_layer_ids": list(self.target_layer_ids),
+                "causal": False,
+                "use_swa": False,
             },
+            "layer_types": ["full_attention"] * self.num_layers,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_layers,
@@ -124,7 +138,23 @@ class DFlashDraftConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> DFlashDraftConfig:
-        dcfg = d.get("dflash_config", {})
+        """Our export, or a folder the reference class saved: like the reference, a field is
+        read from ``dflash_config`` first, then the top level, then the reference's default
+        (block 16, target layers spread over the target by its ``build_target_layer_ids``)."""
+        dcfg = d.get("dflash_config") or {}
+
+        def field_(name: str, default: Any = None) -> Any:
+            return dcfg.get(name, d.get(name, default))
+
+        n_target = int(d.get("num_target_layers") or 0)
+        layer_ids = field_("target_layer_ids")
+        if layer_ids is None:
+            if not n_target:
+                raise KeyError("dflash_config.target_layer_ids (or num_target_layers)")
+            layer_ids = reference_target_layer_ids(n_target, int(d["num_hidden_layers"]))
+        if field_("mask_token_id") is None:
+            raise KeyError("dflash_config.mask_token_id")
+        rope = d.get("rope_parameters") or {}
         return cls(
             hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"],
@@ -133,14 +163,23 @@ class DFlashDraftConfig:
             num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
             head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=d.get("rope_theta", 10000.0),
+            rope_theta=float(rope.get("rope_theta") or d.get("rope_theta") or 10000.0),
             vocab_size=d["vocab_size"],
-            block_size=d["block_size"],
-            mask_token_id=dcfg["mask_token_id"],
-            target_layer_ids=list(dcfg["target_layer_ids"]),
-            num_target_layers=d.get("num_target_layers", 0),
+            block_size=int(field_("block_size", 16)),
+            mask_token_id=int(field_("mask_token_id")),
+            target_layer_ids=[int(j) for j in layer_ids],
+            num_target_layers=n_target,
             qk_norm=d.get("qk_norm", d.get("model_type") != "llama"),
         )
+
+
+def reference_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
+    """The reference's default feature layers (``dflash.model.build_target_layer_ids``), for a
+    config that names none: one per draft layer, spread over 1..L-3."""
+    if num_draft_layers == 1:
+        return [num_target_layers // 2]
+    start, span = 1, num_target_layers - 4
+    return [round(start + i * span / (num_draft_layers - 1)) for i in range(num_draft_layers)]
 
 
 class DraftKVCache:
@@ -204,6 +243,9 @@ class DFlashDraft(nn.Module):
         # A reduced draft vocabulary (EAGLE-3's draft-to-target map): the draft's logits cover
         # only these target ids. Not a parameter: it travels as its own file beside the weights.
         self.draft_ids: Tensor | None = None
+        # A loaded vLLM-form draft's own head [K, H]: the engine uses the target's head rows,
+        # so loaders check that these are the same (`head_matches`).
+        self.head_rows: Tensor | None = None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -255,16 +297,34 @@ class DFlashDraft(nn.Module):
             x = take_rows(x, rows)
         return self.norm(x)
 
-    def export(self, folder: str | Path) -> Path:
-        """Write the HF serving layout: config.json + model.safetensors (no embedding/LM head)."""
+    def export(self, folder: str | Path, dtype: torch.dtype | None = None,
+               lm_head: Tensor | None = None) -> Path:
+        """Write the serving layout every DFlash loader reads (docs/serving.md).
+
+        config.json + model.safetensors (no embedding; the reference's module names) +
+        ``modeling_dflash.py`` for `AutoModel(trust_remote_code=True)` + SERVING.md. A reduced
+        draft vocabulary is written in vLLM's form: ``lm_head`` [K, H] (``lm_head``: the target's
+        head rows of ``draft_ids``) in model.safetensors, ``draft_vocab_size: K`` in the
+        config and ``d2t`` OFFSETS (target id = i + d2t[i]) in draft_vocab.safetensors.
+        ``dtype``: the weights' dtype on disk (default: as trained).
+        """
         folder = Path(folder)
+        ids = self.draft_ids
+        if ids is not None and (lm_head is None or lm_head.shape[0] != ids.numel()):
+            raise ValueError("a reduced-vocabulary draft exports its own head: pass lm_head, the "
+                             f"target's head rows of its {ids.numel()} draft ids")
+        dtype = dtype or self.fc.weight.dtype
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.state_dict().items()}
+        if ids is not None:
+            state[HEAD_KEY] = lm_head.detach().to(dtype).contiguous().cpu()
+            offsets = ids.long().cpu() - torch.arange(ids.numel())
+            save_file({"d2t": offsets.contiguous()}, str(folder / VOCAB_NAME))
         save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        hf = self.config.to_hf_dict(self.fc.weight.dtype)
+        hf = self.config.to_hf_dict(dtype, None if ids is None else int(ids.numel()))
         (folder / CONFIG_NAME).write_text(json.dumps(hf, indent=2) + "\n")
-        if self.draft_ids is not None:
-            save_file({"d2t": self.draft_ids.long().cpu().contiguous()}, str(folder / VOCAB_NAME))
+        (folder / MODELING_NAME).write_bytes((Path(__file__).parent / MODELING_NAME).read_bytes())
+        (folder / SERVING_NAME).write_text(serving_md(hf))
         return folder
 
     @classmethod
@@ -274,14 +334,26 @@ class DFlashDraft(nn.Module):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> DFlashDraft:
-        """Inverse of `export`; dtype defaults to the dtype the weights were saved in."""
+        """Inverse of `export`; dtype defaults to the dtype the weights were saved in.
+
+        Reads both vocabulary forms: vLLM's (``draft_vocab_size`` in the config, ``d2t`` =
+        offsets, own ``lm_head``, kept as ``head_rows`` for `head_matches`: the engine drafts
+        with the target's rows) and the first one (``d2t`` = absolute sorted target ids, no head). Also reads
+        folders the reference class saved (same weight names; config fields per
+        `DFlashDraftConfig.from_hf_dict`).
+        """
         folder = Path(folder)
-        config = DFlashDraftConfig.from_hf_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        raw = json.loads((folder / CONFIG_NAME).read_text())
+        config = DFlashDraftConfig.from_hf_dict(raw)
         state = load_file(str(folder / WEIGHTS_NAME))
+        head = state.pop(HEAD_KEY, None)
         model = cls(config)
         model.load_state_dict(state, strict=True)
         if (folder / VOCAB_NAME).is_file():
-            model.draft_ids = load_file(str(folder / VOCAB_NAME))["d2t"].long()
+            d2t = load_file(str(folder / VOCAB_NAME))["d2t"].long()
+            reduced = raw.get("draft_vocab_size") not in (None, raw.get("vocab_size"))
+            model.draft_ids = d2t + torch.arange(d2t.numel()) if reduced else d2t
+        model.head_rows = head
         dtype = dtype or next(iter(state.values())).dtype
         return model.to(device=device or "cpu", dtype=dtype).eval()
 
@@ -343,6 +415,17 @@ def _effective_scale(norm: nn.Module, n: int) -> Tensor:
     return norm(torch.ones(1, 1, n, dtype=p.dtype, device=p.device)).float().flatten()
 
 
+def head_matches(draft: DFlashDraft, target: Target) -> bool:
+    """Whether a loaded reduced draft's own ``lm_head`` is the target's head at its ids (the
+    engine drafts with the target's rows; a different head would be silently ignored)."""
+    if draft.head_rows is None or draft.draft_ids is None:
+        return True
+    rows = target.model.get_output_embeddings().weight.detach()[draft.draft_ids.to(
+        target.device)]
+    return rows.shape == draft.head_rows.shape and torch.allclose(
+        rows.float().cpu(), draft.head_rows.float(), rtol=1e-2, atol=1e-2)
+
+
 def check_compatible(config: DFlashDraftConfig, target: Target,
                      draft_ids: Tensor | None = None) -> None:
     """Fail fast, with one line naming the mismatch, before a draft meets the wrong target."""
@@ -379,5 +462,7 @@ __all__ = [
     "DFlashDraftConfig",
     "DraftKVCache",
     "check_compatible",
+    "head_matches",
+    "reference_target_layer_ids",
     "init_from_target",
 ]

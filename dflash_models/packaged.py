@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 COMPLETE = ".complete.json"  # written last: a folder without it is a killed conversion
+# Bumped whenever the conversion writes different files: the folder name carries it, so every
+# machine converts once again (and every store key, which hashes the target's files, changes).
+# v2: config.json also has a top-level ``rope_theta`` (transformers 4.x readers, which the DFlash
+# reference pins, ignore ``rope_parameters`` and would silently use 10000).
+CONVERSION_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ def packaged_model_dir(name: str = "smollm2-135m-instruct") -> Path:
     """Local HF folder of the packaged model, converting it on first use (safe across processes)."""
     src = gguf_path(name)
     digest = file_sha256(src)
-    out = model_cache_dir() / f"{name}-{digest[:16]}"
+    out = model_cache_dir() / f"{name}-{digest[:16]}-v{CONVERSION_VERSION}"
     if (out / COMPLETE).exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +97,16 @@ def _convert(src: Path, out: Path, source: str, digest: str) -> None:
     model.generation_config = loaded.generation_config
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    add_top_level_rope_theta(tmp / "config.json")
     (tmp / COMPLETE).write_text(json.dumps({"source": source, "gguf_sha256": digest}))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+
+
+def add_top_level_rope_theta(config_path: Path) -> None:
+    """Write ``rope_theta`` beside ``rope_parameters`` (transformers 5 saves only the latter)."""
+    cfg = json.loads(config_path.read_text())
+    params = cfg.get("rope_parameters") or {}
+    if "rope_theta" in params and "rope_theta" not in cfg:
+        cfg["rope_theta"] = params["rope_theta"]
+        config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("run", "generate", "filter", "train", "bench", "report"):
         _common(ps[name])
     ps["bench"].add_argument("--draft", default=None,
-                             help="benchmark this exported draft (folder or hub id) instead")
+                             help="benchmark this draft instead: our export, a folder saved by "
+                                  "the DFlash reference class, or a hub id / hub layout")
     ps["bench"].add_argument("--target", default=None, help="target model ref for --draft")
     ps["bench"].add_argument("--rerun", action="store_true",
                              help="benchmark again even if this hardware has a result")

@@ -42,6 +42,9 @@ def variant(row: Row) -> str:
     block = num(row.get("block_size"))
     if block is not None:
         name += f" b{int(block)}"
+    vocab = num(row.get("draft_vocab"))  # a reduced draft vocabulary; its full-vocab row has none
+    if vocab is not None:
+        name += f" V{int(vocab)}"
     t = num(row.get("temperature"))
     if t:
         name += f" T={t:g}"

@@ -15,6 +15,7 @@ draft trained for another target fails in a second with one line, never mid-deco
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -318,7 +319,9 @@ def check_drafts_shape(shape: Any, dflash_folder: str | Path | None,
 
 
 def load_dflash(folder: str | Path, target: Any) -> Any:
-    from dflash_models.draft import DFlashDraft, check_compatible
+    """Our export (either vocabulary form) or a folder the reference class saved (plain or with
+    the hub's ``auto_map``/``dflash.py``: the weights and config fields are the same)."""
+    from dflash_models.draft import DFlashDraft, check_compatible, head_matches
 
     try:
         draft = DFlashDraft.load(folder, device=target.device, dtype=target.dtype)
@@ -329,7 +332,27 @@ def load_dflash(folder: str | Path, target: Any) -> Any:
         check_compatible(draft.config, target, draft.draft_ids)
     except ValueError as e:
         raise DflashError(f"draft {folder} was trained for another target: {e}") from None
+    if not head_matches(draft, target):
+        raise DflashError(f"draft {folder}: its lm_head is not the target's head at its d2t ids; "
+                          "this engine drafts with the target's head, so the draft would not "
+                          "run as trained")
     return draft
+
+
+def draft_vocab(draft: Any) -> int | None:
+    """K for a reduced-vocabulary draft, None for one over the target's full vocabulary."""
+    ids = getattr(draft, "draft_ids", None)
+    return None if ids is None else int(ids.numel())
+
+
+def full_vocab_view(draft: Any) -> Any:
+    """The same draft (shared weights) drafting over the full vocabulary, or None when it
+    already does: what an engine that ignores ``d2t`` runs (SGLang, the reference)."""
+    if draft is None or draft_vocab(draft) is None:
+        return None
+    view = copy.copy(draft)  # shallow: parameters are shared, only the attribute differs
+    view.draft_ids = None
+    return view
 
 
 def load_classic(folder: str | Path, target: Any) -> torch.nn.Module:

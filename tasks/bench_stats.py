@@ -51,6 +51,7 @@ SUMMARY_SCHEMA = pa.schema(_KEYS + [
     ("prompt_lookup_num_tokens", I32), ("threads", I32), ("engine_path", pa.string()),
     ("dflash_digest", pa.string()),
     ("classic_digest", pa.string()),
+    ("draft_vocab", I32),  # dflash rows: K of a reduced draft vocabulary; NULL = full vocabulary
 ] + _IDS + HW_COLUMNS)
 
 SAMPLES_SCHEMA = pa.schema(_KEYS + [
@@ -60,7 +61,7 @@ SAMPLES_SCHEMA = pa.schema(_KEYS + [
     ("drafted", pa.list_(I32)), ("n_target_passes", I32), ("n_draft_passes", I32),
     ("ttft_s", F64), ("total_s", F64), ("tpot_s", F64), ("exact_match", pa.bool_()),
     ("first_divergence", I32), ("divergence_margin", F64), ("divergence_ref_token", I64),
-    ("divergence_token", I64), ("divergence_suspect", pa.bool_()),
+    ("divergence_token", I64), ("divergence_suspect", pa.bool_()), ("draft_vocab", I32),
 ] + _IDS)
 
 
@@ -76,6 +77,7 @@ class Run:
     repeat: int
     seed: int | None
     sample: Sample
+    draft_vocab: int | None = None  # K when a reduced-vocabulary draft drafted over its K ids
     exact: bool | None = None
     first_div: int | None = None
     margin: float | None = None
@@ -144,7 +146,8 @@ def sample_row(r: Run, common: dict[str, Any], drafts: dict[str, Any]) -> dict[s
         "tpot_s": s.decode_s / s.decode_tokens if s.decode_tokens else None,
         "exact_match": r.exact, "first_divergence": r.first_div, "divergence_margin": r.margin,
         "divergence_ref_token": r.ref_token, "divergence_token": r.token,
-        "divergence_suspect": r.suspect, **_ids(r.method, common, drafts),
+        "divergence_suspect": r.suspect, "draft_vocab": r.draft_vocab,
+        **_ids(r.method, common, drafts),
     }
 
 
@@ -174,23 +177,23 @@ def _acceptance(samples: list[Sample]) -> tuple[float | None, list[float], list[
 
 def summary_rows(runs: list[Run], cfg: Any, common: dict[str, Any], drafts: dict[str, Any],
                  info: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (method, dataset, temperature, block_size) of this run."""
-    groups: dict[tuple[str, str, float, int | None], list[Run]] = defaultdict(list)
+    """One row per (method, dataset, temperature, block_size, draft_vocab) of this run."""
+    groups: dict[tuple[str, str, float, int | None, int | None], list[Run]] = defaultdict(list)
     for r in runs:
-        groups[(r.method, r.dataset, r.temperature, r.block_size)].append(r)
+        groups[(r.method, r.dataset, r.temperature, r.block_size, r.draft_vocab)].append(r)
 
     def tps(rs: list[Run]) -> float | None:
         sec = sum(r.sample.decode_s for r in rs)
         return sum(r.sample.decode_tokens for r in rs) / sec if sec > 0 else None
 
-    ref_tps = {ds: tps(rs) for (m, ds, t, _b), rs in groups.items()
+    ref_tps = {ds: tps(rs) for (m, ds, t, _b, _k), rs in groups.items()
                if m == "hf_generate" and t == 0.0}
     ar_step: dict[tuple[str, float], float | None] = {
         (ds, t): _mean([x for r in rs for x in r.sample.verify_s])
-        for (m, ds, t, _b), rs in groups.items() if m == "ar"}
+        for (m, ds, t, _b, _k), rs in groups.items() if m == "ar"}
     hw = {"device": info.get("device_type"), **{k: info.get(k) for k, _ in HW_COLUMNS[1:]}}
     rows = []
-    for (method, ds, temp, block), rs in groups.items():
+    for (method, ds, temp, block, vocab), rs in groups.items():
         samples = [r.sample for r in rs]
         rate, per_pos, hist, tau = _acceptance(samples)
         speed, ref = tps(rs), ref_tps.get(ds)
@@ -230,10 +233,11 @@ def summary_rows(runs: list[Run], cfg: Any, common: dict[str, Any], drafts: dict
             "engine_path": info.get("engine_path") if engine else None,
             "dflash_digest": drafts["dflash"].digest if drafts.get("dflash") else None,
             "classic_digest": drafts["classic"].digest if drafts.get("classic") else None,
+            "draft_vocab": vocab,
             **_ids(method, common, drafts), **hw,
         })
     order = {m: i for i, m in enumerate(("hf_generate", "ar", "dflash", "classic", "hf_assisted",
                                          "prompt_lookup"))}
     rows.sort(key=lambda r: (r["dataset"], r["temperature"], order.get(r["method"], 9),
-                             r["block_size"] or 0))
+                             r["block_size"] or 0, -(r["draft_vocab"] or 0)))
     return rows

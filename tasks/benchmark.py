@@ -325,9 +325,13 @@ def _measure(store: Store, cfg: BenchConfig, tgt: TargetSource, drafts: dict[str
     classic = bm.load_classic(drafts["classic"].local(), target) \
         if "classic" in drafts and {"classic", "hf_assisted"} & set(cfg.methods) else None
     variants = _variants(cfg, dflash, classic, notes)
-    ref = ("hf_generate", None, 0.0)  # always measured: the reference of speedup and audit
-    cells = [ref] + [(m, b, t) for t in cfg.temperatures for m, b in variants
-                     if (m, b, t) != ref]
+    # A reduced-vocabulary draft also runs over the full vocabulary: what engines without
+    # reduced-vocabulary support (SGLang, the reference) will draft. `full` marks those cells.
+    full_vocab = bm.full_vocab_view(dflash)
+    ref = ("hf_generate", None, 0.0, False)  # always measured: the reference of speedup, audit
+    cells = [ref] + [(m, b, t, full) for t in cfg.temperatures for m, b in variants
+                     for full in ((False, True) if m == "dflash" and full_vocab else (False,))
+                     if (m, b, t, full) != ref]
     prompts: dict[str, list[bm.Prompt]] = {}
     for ds in cfg.datasets:
         got = bm.load_prompts(ds, cfg.n_prompts, cfg.seed, target.tokenizer, store, eval_manifest)
@@ -342,35 +346,37 @@ def _measure(store: Store, cfg: BenchConfig, tgt: TargetSource, drafts: dict[str
         log.info("bench: %s", n)
     stop = default_stop_token_ids(target)
 
-    def one(method: str, block: int | None, temp: float, ids: list[int], seed: int | None,
-            max_new: int) -> bm.Sample:
+    def one(method: str, block: int | None, temp: float, full: bool, ids: list[int],
+            seed: int | None, max_new: int) -> bm.Sample:
         if method in bm.ENGINE_METHODS:
             from dflash_models.engine import GenerationConfig
 
             g = GenerationConfig(max_new_tokens=max_new, temperature=temp, stop_token_ids=stop,
                                  seed=seed, block_size=block, k=cfg.classic_k)
-            return bm.run_engine(method, engine_target, ids, g, draft=dflash,
-                                 classic_lm=classic)
+            return bm.run_engine(method, engine_target, ids, g,
+                                 draft=full_vocab if full else dflash, classic_lm=classic)
         return bm.run_hf(target, ids, temperature=temp, max_new_tokens=max_new, stop=stop,
                          seed=seed, assistant=classic if method == "hf_assisted" else None,
                          prompt_lookup_num_tokens=cfg.prompt_lookup_num_tokens
                          if method == "prompt_lookup" else None)
 
     warm = [p for ps in prompts.values() for p in ps][: cfg.warmup_prompts]
-    for method, block, temp in cells:  # untimed: first calls pay allocation and dispatch setup
+    for method, block, temp, full in cells:  # untimed: first calls pay allocation and setup
         for p in warm:
-            one(method, block, temp, p.ids, cfg.seed,
+            one(method, block, temp, full, p.ids, cfg.seed,
                 min(cfg.warmup_new_tokens, cfg.max_new_tokens))
     runs: list[Run] = []
     total = sum(len(ps) for ps in prompts.values()) * len(cells) * cfg.repeats
     with Progress("bench", total=total, unit="generations") as prog:
         for ds, ps in prompts.items():
             for i, p in enumerate(ps):
-                for method, block, temp in cells:  # interleaved: drift hits every method alike
+                for method, block, temp, full in cells:  # interleaved: drift hits all alike
+                    vocab = bm.draft_vocab(dflash) if method == "dflash" and not full else None
                     for rep in range(cfg.repeats):
                         seed = (cfg.seed * 1_000_003 + i * 1009 + rep) if temp > 0 else None
-                        s = one(method, block, temp, p.ids, seed, cfg.max_new_tokens)
-                        runs.append(Run(ds, p, method, block, temp, rep, seed, s))
+                        s = one(method, block, temp, full, p.ids, seed, cfg.max_new_tokens)
+                        runs.append(Run(ds, p, method, block, temp, rep, seed, s,
+                                        draft_vocab=vocab))
                         prog.advance(1, tokens=len(s.output_ids), note=f"{ds} {method}")
     audit(runs, target, cfg.tie_margin(dtype))
     return _write(store, cfg, runs, tgt, drafts, info, notes)
@@ -476,8 +482,9 @@ def bench_any_draft(store: Store, cfg: BenchConfig, draft_ref: str | Path,
 
 # ------------------------------------------------------------------------------- display
 def variant(row: dict[str, Any]) -> str:
-    b = row.get("block_size")
-    return f"{row['method']} b{b}" if b is not None else str(row["method"])
+    b, k = row.get("block_size"), row.get("draft_vocab")
+    name = f"{row['method']} b{b}" if b is not None else str(row["method"])
+    return f"{name} V{k}" if k is not None else name
 
 
 def bench_table_rows(*args: Any) -> list[dict[str, Any]]:

@@ -106,6 +106,9 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     export_last: bool = Field(False, description="also export the last-step draft")
+    export_dtype: Literal["float32", "bfloat16"] | None = Field(
+        None, description="the exported DFlash draft's weights; null: bfloat16 when trained on "
+        "CUDA, float32 on CPU")
     # --- the classic baseline
     classic_layers: int = Field(2, ge=0, le=8, description="0 = no classic draft")
     classic_max_steps: int | None = Field(None, ge=1, description="default: as the DFlash draft")

@@ -149,8 +149,12 @@ def dflash_phase(ctx: Ctx, target: Target, draft: DFlashDraft, head: VocabHead, 
 
     draft.draft_ids = draft_ids  # exported beside the weights (draft_vocab.safetensors)
 
+    dtype = export_dtype(cfg.export_dtype, dev)
+    rows = head.weight if draft_ids is not None else None  # a reduced draft ships its head rows
+
     def export(folder: str) -> dict[str, bytes]:
-        return {f"{folder}/{k}": v for k, v in _folder_bytes(lambda p: draft.export(p)).items()}
+        files = _folder_bytes(lambda p: draft.export(p, dtype=dtype, lm_head=rows))
+        return {f"{folder}/{k}": v for k, v in files.items()}
 
     return Phase("dflash", module, cfg.lr, total, prepare,
                  lambda m, b: dflash_loss_sum(m, target, head, b, amp),
@@ -240,6 +244,14 @@ def classic_phase(ctx: Ctx, target: Target, data: TrainData,
     return Phase("classic", module, cfg.classic_lr, total, prepare, loss_sum,
                  lambda b: float(b[2].sum()), lambda b: b[4], evaluate, export, "classic-draft",
                  _minutes(cfg.classic_time_budget_min))
+
+
+def export_dtype(name: str | None, device: torch.device | str) -> torch.dtype:
+    """``train.export_dtype``; null: bf16 for a CUDA-trained draft (what GPU engines serve),
+    fp32 on CPU (where bf16 matmuls may be slower than fp32)."""
+    if name is None:
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return getattr(torch, name)
 
 
 def _minutes(m: float | None) -> float | None:

@@ -270,6 +270,8 @@ def test_export_load_roundtrip(tmp_path) -> None:
     assert cfg["dflash_config"] == {
         "mask_token_id": draft.config.mask_token_id,
         "target_layer_ids": draft.config.target_layer_ids,
+        "causal": False,
+        "use_swa": False,
     }
     layer_keys = "hidden_size intermediate_size num_hidden_layers num_attention_heads "
     layer_keys += "num_key_value_heads head_dim rms_norm_eps rope_theta vocab_size"

@@ -441,7 +441,8 @@ def test_reduced_draft_vocab_head_and_coverage(tmp_path: Path, tiny_target_dir: 
     assert info["size"] == 64 and 0.5 < info["train_coverage"] <= 1.0
     assert 0.0 <= info["eval_coverage"] <= 1.0
     d2t = load(store.read_bytes(f"{m.prefix}/dflash-draft/draft_vocab.safetensors"))["d2t"]
-    assert d2t.shape == (64,) and torch.equal(d2t, d2t.sort().values)
+    ids = d2t + torch.arange(64)  # vLLM's form: offsets (target id = i + d2t[i])
+    assert d2t.shape == (64,) and torch.equal(ids, ids.sort().values) and int(d2t.min()) >= 0
     # the exported draft carries its id map: the engine drafts only those ids
     from dflash_models.draft import DFlashDraft
 
@@ -450,7 +451,7 @@ def test_reduced_draft_vocab_head_and_coverage(tmp_path: Path, tiny_target_dir: 
             if f.path.startswith("dflash-draft/"):
                 (Path(tmp) / f.path.split("/", 1)[1]).write_bytes(
                     store.read_bytes(f"{m.prefix}/{f.path}"))
-        assert torch.equal(DFlashDraft.load(tmp).draft_ids, d2t)
+        assert torch.equal(DFlashDraft.load(tmp).draft_ids, ids)
 
 
 def test_distillation_online_and_cached_give_the_same_loss(tmp_path: Path, tiny_target_dir: Path,
@@ -650,7 +651,7 @@ def test_smollm2_training_loss_falls_and_exports_reload(tmp_path: Path, smollm2_
         dest.write_bytes(store.read_bytes(f"{m.prefix}/{f.path}"))
     hf = json.loads((out / "dflash-draft/config.json").read_text())
     assert hf["architectures"] == ["DFlashDraftModel"] and hf["block_size"] == 8
-    assert set(hf["dflash_config"]) == {"mask_token_id", "target_layer_ids"}
+    assert set(hf["dflash_config"]) == {"mask_token_id", "target_layer_ids", "causal", "use_swa"}
     assert not any("embed" in k or "lm_head" in k
                    for k in load_file(out / "dflash-draft/model.safetensors"))
     draft = DFlashDraft.load(out / "dflash-draft")
