@@ -90,6 +90,12 @@ class StaticKVCache:
         self.length = self.length + max_length if max_length <= 0 else min(max_length, self.length)
 
 
+def check_batch1(input_ids: Tensor, attention_mask: Tensor | None) -> None:
+    """The fast paths decode one unpadded sequence; say so instead of computing garbage."""
+    if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
+        raise ValueError("fast path: batch 1 without padding only; use the general path")
+
+
 @dataclass
 class _Layer:
     """One decoder layer's weights, fused where it saves a matmul."""
@@ -170,8 +176,7 @@ class FastLM(nn.Module):
                 use_cache: bool = True, output_hidden_states: bool = False,
                 logits_to_keep: int = 0, **_: Any) -> CausalLMOutputWithPast:
         """Batch 1; `hidden_states[j + 1]` is layer j's output, the last entry is final-normed."""
-        if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
-            raise ValueError("fast path: batch 1 without padding only; use the general path")
+        check_batch1(input_ids, attention_mask)
         cache = past_key_values if past_key_values is not None else self.new_cache()
         T, start = input_ids.shape[1], cache.length
         cache.reserve(T)

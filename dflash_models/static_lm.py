@@ -33,7 +33,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cuda_graphs import GraphRunner, graphs_available
-from .fast_target import FastLM, StaticKVCache, _rms_norm, _rotate_half, lm_output
+from .fast_target import (
+    FastLM,
+    StaticKVCache,
+    _rms_norm,
+    _rotate_half,
+    check_batch1,
+    lm_output,
+)
 
 
 def _layer(x: Tensor, in_norm: Tensor, post_norm: Tensor, wqkv: Tensor, bqkv: Tensor | None,
@@ -102,8 +109,7 @@ class StaticLM(FastLM):
                 use_cache: bool = True, output_hidden_states: bool = False,
                 logits_to_keep: int = 0, **_: Any) -> Any:
         """Batch 1; `hidden_states[j + 1]` is layer j's output, the last entry is final-normed."""
-        if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
-            raise ValueError("fast path: batch 1 without padding only; use the general path")
+        check_batch1(input_ids, attention_mask)
         if past_key_values is not None and past_key_values is not self.cache:
             raise ValueError("StaticLM runs on its own cache: pass model.new_cache()")
         if position_ids is not None:

@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCau
 from dflash_models.draft import DFlashDraft, DFlashDraftConfig
 from dflash_models.engine import GenerationConfig, generate_ar, generate_dflash, new_cache
 from dflash_models.fast_target import FastLM, StaticKVCache, supports
+from dflash_models.static_lm import StaticLM
 from dflash_models.target import Target, load_target
 
 LAYERS = [0, 2]
@@ -29,13 +30,17 @@ def tiny(family: str) -> torch.nn.Module:
     return model.eval()
 
 
-def pair(model: torch.nn.Module) -> tuple[Target, Target]:
-    return Target.from_model(model), Target.from_model(FastLM(model))
+def pair(model: torch.nn.Module, static: bool = False) -> tuple[Target, Target]:
+    """(general, fast) Targets over the same weights; `static`: the fixed-shape CUDA fast path
+    (static_lm.py), whose stale cache entries past the verified length must stay masked."""
+    fast = StaticLM(model, 96, graph_tokens=(1, 5)) if static else FastLM(model)
+    return Target.from_model(model), Target.from_model(fast)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["fast", "static"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_passes_match_the_general_path(family: str) -> None:
-    general, fast = pair(tiny(family))
+def test_passes_match_the_general_path(family: str, static: bool) -> None:
+    general, fast = pair(tiny(family), static)
     prompt = torch.arange(3, 17)[None]
     a = general.forward(prompt, past_key_values=new_cache(general.model), layer_ids=LAYERS)
     b = fast.forward(prompt, past_key_values=new_cache(fast.model), layer_ids=LAYERS)
@@ -51,6 +56,7 @@ def test_passes_match_the_general_path(family: str) -> None:
         a.past_key_values.crop(-4)
         b.past_key_values.crop(-4)
         assert b.past_key_values.get_seq_length() == a.past_key_values.get_seq_length() == kept
+    assert not static or new_cache(fast.model) is b.past_key_values  # one cache, made once
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

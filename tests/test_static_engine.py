@@ -1,4 +1,6 @@
-"""The fixed-shape fast path (StaticLM + FastDraft) against the general path, and bench/gpu_check.
+"""The fixed-shape fast path (StaticLM + FastDraft) against the eager engine, and bench/gpu_check.
+
+(Its single passes against the general path: tests/test_fast_target.py, `static` cases.)
 
 CUDA graphs cannot run here; what makes them possible can: fixed shapes, a cache sized at start,
 per-step values as tensors. Every pass below runs that code; `torch.compile(backend="eager",
@@ -38,28 +40,6 @@ def tiny_draft(target: Target) -> DFlashDraft:
     torch.manual_seed(1)
     return DFlashDraft(DFlashDraftConfig.from_target(
         target, num_layers=2, block_size=BLOCK, target_layer_ids=LAYERS)).eval()
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_static_passes_match_the_general_path(family: str) -> None:
-    model = tiny(family)
-    general = Target.from_model(model)
-    static = Target.from_model(StaticLM(model, MAX_LEN, graph_tokens=(1, 5)))
-    prompt = torch.arange(3, 17)[None]
-    a = general.forward(prompt, past_key_values=new_cache(general.model), layer_ids=LAYERS)
-    b = static.forward(prompt, past_key_values=new_cache(static.model), layer_ids=LAYERS)
-    torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(b.features, a.features, rtol=1e-5, atol=1e-5)
-    block = torch.tensor([[5, 9, 11, 40, 7]])
-    for kept in (15, 16):  # a verify pass keeping 1 of its 5 tokens; the stale 4 stay masked
-        a2 = general.forward(block, past_key_values=a.past_key_values, layer_ids=LAYERS)
-        b2 = static.forward(block, past_key_values=b.past_key_values, layer_ids=LAYERS)
-        torch.testing.assert_close(b2.logits, a2.logits, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(b2.features, a2.features, rtol=1e-5, atol=1e-5)
-        a.past_key_values.crop(-4)
-        b.past_key_values.crop(-4)
-        assert b.past_key_values.get_seq_length() == a.past_key_values.get_seq_length() == kept
-    assert static.model.new_cache() is b.past_key_values  # one cache, allocated once
 
 
 def oracle(drafter: EagerDrafter | FastDraft, full: list[int]) -> tuple[list[int], object]:
