@@ -29,14 +29,16 @@ from dflash_models.generation import HFGenerator, SamplingParams
 from storage import Store, read_manifest
 from storage.catalog import connect
 from storage.errors import ConfigError
-from tasks.backends import OpenAIConfig
+from tasks.backends import _BACKENDS, GenRow, OpenAIBackend, OpenAIConfig
+from tasks.fleet import FleetDown
 from tasks.generate import GenerateConfig, plan_generation, run_generate
 from tasks.models import TargetConfig, run_prepare_target
 from tasks.prompts import PromptsConfig, PromptSource, run_prompts
 
 QUESTIONS = ["What is the capital of France?", "Say only the word yes.",
              "Write a haiku about autumn.", "Name three prime numbers.",
-             "What colour is the sky?", "Count from one to five."]
+             "What colour is the sky?", "Count from one to five.",
+             "hello " * 9000]  # over SmolLM2's context: an error row, never sent
 NEW = 6  # new tokens per row: enough to differ, cheap on 2 cores
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -119,9 +121,14 @@ def _store(prepared: tuple[Path, Any, Any], name: str) -> Store:
 
 
 def _rows(store: Store) -> list[tuple]:
-    return connect(store).execute(
+    """The generated rows (the over-long prompt q:6 must be the one error)."""
+    con = connect(store)
+    errors = con.execute("SELECT prompt_id, reason FROM generation_errors").fetchall()
+    assert len(errors) == 1 and errors[0][0] == "q:6" and "context is 8192 tokens" in errors[0][1]
+    return con.execute(
         "SELECT prompt_id, prompt_token_ids, response_token_ids, server, token_ids_from, "
-        "request_id, attempts FROM generations ORDER BY prompt_id").fetchall()
+        "request_id, attempts, finish_reason, n_response_tokens, backend FROM generations "
+        "ORDER BY prompt_id").fetchall()
 
 
 def _assert_greedy(rows: list[tuple], hf: HFGenerator) -> None:
@@ -129,6 +136,7 @@ def _assert_greedy(rows: list[tuple], hf: HFGenerator) -> None:
     want = hf.generate([list(r[1]) for r in rows], SamplingParams(max_new_tokens=NEW))
     for r, w in zip(rows, want, strict=True):
         assert list(r[2]) == w.token_ids, (r[0], r[3])
+        assert (r[7], r[8], r[9]) == (w.finish_reason, len(w.token_ids), "openai")
 
 
 # ----------------------------------------------------------------------------- our own server
@@ -185,6 +193,7 @@ class IdServer:
 
     def close(self) -> None:
         self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 # ----------------------------------------------------------------------------- tests
@@ -229,26 +238,31 @@ def test_fleet_of_two_transformers_serve_splits_rows_and_matches_hf(
     assert {u: c["rows"] for u, c in m.extra["servers"].items()} == {
         u: sum(r[3] == u for r in rows) for u in urls}
     assert m.extra["token_ids_from"] == {"retokenized": 6}
+    assert m.rows == {"generations": 6, "generation_errors": 1}
     _assert_greedy(rows, hf)
 
 
-def test_token_id_prompts_and_ids_back_with_503s_retried(prepared: tuple,
-                                                         hf: HFGenerator) -> None:
+def test_token_id_prompts_and_ids_back_with_503s_retried(prepared: tuple, hf: HFGenerator,
+                                                         smollm2_dir: Path) -> None:
     server = IdServer(hf, fail_first=3)
     try:
         store = _store(prepared, "ids")
         cfg = GenerateConfig(backend="openai", max_new_tokens=NEW, shard_size=3, openai=OpenAIConfig(
             base_url=server.url, concurrency=2, backoff_s=0.01, check_tokens=0))
         m = run_generate(store, cfg, prepared[1], prepared[2])
+        backend = OpenAIBackend(cfg.openai, smollm2_dir)  # probed while the server is up
     finally:
         server.close()
     rows = _rows(store)
-    assert len(rows) == 6 and m.rows == {"generations": 6, "generation_errors": 0}
+    assert len(rows) == 6 and m.rows == {"generations": 6, "generation_errors": 1}
     assert {r[4] for r in rows} == {"server"}
     assert sorted(server.prompts) == sorted(list(r[1]) for r in rows)  # our ids, as sent
     assert server.answered_503 == 3 and sum(r[6] - 1 for r in rows) == 3
     assert m.extra["servers"] == {server.url: {"rows": 6, "retries": 3}}
     _assert_greedy(rows, hf)
+    # the only server gone: an outage is an exception (the shard is not written), not error rows
+    with pytest.raises(FleetDown, match=server.url):
+        backend.generate([GenRow("x", [], "hi", list(rows[0][1]))], SamplingParams(2))
 
 
 def test_server_killed_mid_stage_the_other_finishes(prepared: tuple, serves: list,
@@ -278,9 +292,13 @@ def test_server_killed_mid_stage_the_other_finishes(prepared: tuple, serves: lis
     m = run_generate(store, cfg, prepared[1], prepared[2], map_fn=map_fn)
     rows = _rows(store)
     assert [r[0] for r in rows] == [f"q:{i}" for i in range(6)]  # none lost, none twice
-    assert m.rows == {"generations": 6, "generation_errors": 0}
+    assert m.rows == {"generations": 6, "generation_errors": 1}
     assert victim.poll() is not None
+    fleet = next(b.fleet for b in _BACKENDS.values() if getattr(b, "cfg", None) == cfg.openai)
+    stats = fleet.stats()
+    assert stats[gone]["dropped"] and stats[gone]["conn_errors"] >= 1
+    assert stats[keep]["dropped"] is None
     assert {r[3] for r in rows[:2]} == {keep, gone}  # shard 0 used both
-    assert {r[3] for r in rows[3:]} == {keep}  # after the kill only the survivor answers
+    assert {r[3] for r in rows[4:]} == {keep}  # the shard after the kill: only the survivor
     assert read_manifest(store, "generations", m.key) is not None
     _assert_greedy(rows, hf)
