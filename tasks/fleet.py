@@ -157,6 +157,7 @@ class Fleet:
 
     def __init__(self, servers: list[Server], drop_after: int) -> None:
         self.servers, self.drop_after = servers, drop_after
+        self.peak = 0  # most requests in flight at once: did the shards fill the slots?
         self._cond = threading.Condition()
 
     def acquire(self, avoid: Server | None = None) -> Server:
@@ -175,6 +176,7 @@ class Fleet:
                     s = min(free, key=lambda s: (s.inflight / s.concurrency, s.counts["requests"]))
                     s.inflight += 1
                     s.counts["requests"] += 1
+                    self.peak = max(self.peak, sum(x.inflight for x in self.servers))
                     return s
                 self._cond.wait(timeout=1.0)
 

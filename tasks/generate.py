@@ -179,6 +179,8 @@ def plan_generation(store: Store, cfg: GenerateConfig, target_m: Manifest, promp
     committed = read_manifest(store, STAGE, key)
     done = [s.index for s in shards if committed is not None
             or _is_recorded(store, prefix, shard_name(s.index))]
+    if len(done) < len(shards):  # shards to send: every server answers, before any shard runs
+        validate_generate(cfg)
     return GenerationPlan(
         key=key, prefix=prefix, config=cfg, stage_config=stage_cfg,
         inputs={k: m.digest for k, m in inputs.items()}, code=code, target_key=target_m.key,

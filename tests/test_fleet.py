@@ -30,8 +30,16 @@ from storage import Store, read_manifest
 from storage.catalog import connect
 from storage.errors import ConfigError
 from tasks.backends import _BACKENDS, GenRow, OpenAIBackend, OpenAIConfig
+from tasks.base import key_for
 from tasks.fleet import FleetDown
-from tasks.generate import GenerateConfig, plan_generation, run_generate
+from tasks.generate import (
+    STAGE,
+    GenerateConfig,
+    _code,
+    _stage_config,
+    plan_generation,
+    run_generate,
+)
 from tasks.models import TargetConfig, run_prepare_target
 from tasks.prompts import PromptsConfig, PromptSource, run_prompts
 
@@ -202,8 +210,10 @@ def test_config_forms_and_what_is_in_the_key(prepared: tuple, serves: list) -> N
         OpenAIConfig(base_url="http://a/v1", base_urls=["http://b/v1"])
     store, (_, target, prompts) = Store(prepared[0] / "base"), prepared
 
-    def key(**kw: Any) -> str:
-        return plan_generation(store, GenerateConfig(backend="openai", **kw), target, prompts).key
+    def key(**kw: Any) -> str:  # the plan's key, without the plan's check that servers answer
+        cfg = GenerateConfig(backend="openai", **kw)
+        return key_for(STAGE, _stage_config(cfg, target), {"target": target, "prompts": prompts},
+                       _code())
 
     one = key(openai=OpenAIConfig(base_url="http://x:1/v1", concurrency=2))
     fleet = key(openai=OpenAIConfig(base_urls=["http://y:1/v1", "http://z:1/v1"],
@@ -215,9 +225,10 @@ def test_config_forms_and_what_is_in_the_key(prepared: tuple, serves: list) -> N
     dead = f"http://127.0.0.1:{_free_port()}/v1"
     bad = GenerateConfig(backend="openai", openai=OpenAIConfig(
         base_urls=[serves[0][1], dead], timeout=3))
-    with pytest.raises(ConfigError) as e:
-        run_generate(store, bad, target, prompts)
-    assert dead in str(e.value) and "\n" not in str(e.value)
+    for call in (run_generate, plan_generation):  # the flow's first generate task is the plan
+        with pytest.raises(ConfigError) as e:
+            call(store, bad, target, prompts)
+        assert dead in str(e.value) and "\n" not in str(e.value)
     assert not store.find("generations")
 
 
@@ -302,3 +313,21 @@ def test_server_killed_mid_stage_the_other_finishes(prepared: tuple, serves: lis
     assert {r[3] for r in rows[4:]} == {keep}  # the shard after the kill: only the survivor
     assert read_manifest(store, "generations", m.key) is not None
     _assert_greedy(rows, hf)
+
+
+def test_thinking_switch_reaches_the_chat_template(smollm2_dir: Path) -> None:
+    """``generate.thinking`` renders with ``enable_thinking`` (Qwen3's switch); null leaves the
+    prompt stage's rendering. SmolLM2's template ignores it, so a Qwen3-like one stands in."""
+    from transformers import AutoTokenizer
+
+    from tasks.backends import render_thinking
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    msgs = [{"role": "user", "content": "hi"}]
+    plain = render_thinking(tok, msgs, None)
+    tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                         "<assistant>{% if enable_thinking is defined and not enable_thinking %}"
+                         "<think></think>{% endif %}")
+    assert render_thinking(tok, msgs, False) == "<user>hi<assistant><think></think>"
+    assert render_thinking(tok, msgs, True) == "<user>hi<assistant>"
+    assert "<|im_start|>assistant" in plain
