@@ -194,9 +194,12 @@ class OpenAIBackend:
 
     def generate(self, rows: list[GenRow], params: SamplingParams,
                  on_done: OnDone | None = None) -> list[GenOutput]:
-        """Every row, in order; a row's failure is an ``error`` output, an outage is FleetDown."""
+        """Every row, in order; a row's failure is an ``error`` output, an outage is FleetDown.
+        Threads wait for a fleet slot, so concurrent shards share the servers' capacity."""
         results: list[GenOutput | None] = [None] * len(rows)
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+        if not rows:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(rows))) as pool:
             futures = {pool.submit(self._one, r, params): i for i, r in enumerate(rows)}
             for fut in as_completed(futures):
                 out = fut.result()  # FleetDown propagates: the shard is not written
@@ -218,6 +221,8 @@ class OpenAIBackend:
     def _one(self, row: GenRow, params: SamplingParams) -> GenOutput:
         """One row: failover on a dropped server is free, 429/5xx retries with backoff, another
         4xx fails the row at once (the same request would be refused again)."""
+        import httpx
+
         reason = too_long(len(row.prompt_token_ids), self.context)
         if reason:  # servers often accept it and answer garbage past the context
             return GenOutput([], "", "error", 0.0, error=reason)
@@ -230,12 +235,15 @@ class OpenAIBackend:
             try:
                 resp = server.client.post("/completions", json=self._body(server, row, params),
                                           headers={"X-Request-Id": rid})
-            except Exception as e:  # refused, reset, timed out: count it against the server
-                last = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
-                self.fleet.release(server, "conn_errors", last)
+            except Exception as e:
+                last = f"{server.url}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
                 avoid = server
-                if server.dropped is not None:
-                    continue  # failover: another server takes it, no retry spent
+                if isinstance(e, httpx.ReadTimeout):  # busy, not gone: retry, maybe elsewhere
+                    self.fleet.release(server, "retryable")
+                else:  # refused, reset: count it against the server
+                    self.fleet.release(server, "conn_errors", last)
+                    if server.dropped is not None:
+                        continue  # failover: another server takes it, no retry spent
             else:
                 if resp.status_code == 200:
                     try:

@@ -11,10 +11,10 @@ answers 400 ("prompt must be a string") and 422 to unknown fields. One small req
 at the start finds what each server accepts, so no row ever pays for a refused request (a 4xx
 is never retried per row).
 
-Failover: a connection error or timeout counts against a server; ``drop_after`` in a row drop it
-for the rest of the run and its requests go elsewhere without spending their retries. When every
-server is gone the shard fails unwritten (``FleetDown``): a rerun resumes it, nothing is recorded
-as a row error for an outage.
+Failover: a connection error (refused, reset; not a read timeout: a busy server is not a gone
+one) counts against a server; ``drop_after`` in a row drop it for the rest of the run and its
+requests go elsewhere without spending their retries. When every server is gone the shard fails
+unwritten (``FleetDown``): a rerun resumes it, nothing is recorded as a row error for an outage.
 """
 
 from __future__ import annotations
