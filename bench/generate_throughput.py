@@ -154,8 +154,9 @@ def fleet(args: argparse.Namespace) -> None:
             n = m.extra["n_generated"]
             share = m.extra["token_ids_from"].get("server", 0) / max(n, 1)
             split = {u.rsplit(":", 1)[-1]: c["rows"] for u, c in m.extra["servers"].items()}
-            peak = next(b.fleet.peak for b in _BACKENDS.values()
-                        if getattr(b, "cfg", None) == cfg.openai)
+            fleet_ = next(b.fleet for b in _BACKENDS.values()
+                          if getattr(b, "cfg", None) == cfg.openai)
+            peak, fleet_.peak = fleet_.peak, 0  # the same settings reuse the fleet next round
             rates[label].append(n / dt)
             print(f"{label}: {n} rows in {dt:.1f} s = {n / dt:.2f} rows/s "
                   f"({m.extra['response_tokens'] / dt:.1f} tok/s); peak in flight {peak}/{total}; "
