@@ -1,7 +1,7 @@
 """The openai backend's fleet against real servers on 127.0.0.1.
 
 Two ``transformers serve`` processes on the packaged SmolLM2 (as shipped: text prompts only, no
-token ids back) are shared by the module; the kill test runs last because it kills one. A small
+token ids back) are shared by the module; the kill test is the last to use them: it kills one. A small
 server of our own (``IdServer``: the same SmolLM2 in this process) stands in only where
 ``transformers serve`` cannot: token-id prompts with token ids back, and 503s on demand.
 """
@@ -233,7 +233,8 @@ def test_config_forms_and_what_is_in_the_key(prepared: tuple, serves: list) -> N
 
 
 def test_fleet_of_two_transformers_serve_splits_rows_and_matches_hf(
-        prepared: tuple, serves: list, hf: HFGenerator, caplog: pytest.LogCaptureFixture) -> None:
+        prepared: tuple, serves: list, hf: HFGenerator, smollm2_dir: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
     store = _store(prepared, "two")
     urls = [u for _, u in serves]
     cfg = GenerateConfig(backend="openai", max_new_tokens=NEW, shard_size=2, openai=OpenAIConfig(
@@ -251,6 +252,16 @@ def test_fleet_of_two_transformers_serve_splits_rows_and_matches_hf(
     assert m.extra["token_ids_from"] == {"retokenized": 6}
     assert m.rows == {"generations": 6, "generation_errors": 1}
     _assert_greedy(rows, hf)
+    # the start check catches a server that sees other prompt tokens than the target: here the
+    # text goes to the server while the HF target gets another prompt's ids
+    backend = next(b for b in _BACKENDS.values() if getattr(b, "cfg", None) == cfg.openai)
+    tok = backend.tokenizer
+    other = tok.apply_chat_template([{"role": "user", "content": "Write a long poem."}],
+                                    tokenize=False, add_generation_prompt=True)
+    backend.check_prompt = (backend.check_prompt[0], tok(other)["input_ids"])
+    with caplog.at_level(logging.WARNING, logger="dflash"):
+        first = backend.check_against_hf(smollm2_dir, NEW)
+    assert first is not None and f"from token {first}" in caplog.text
 
 
 def test_token_id_prompts_and_ids_back_with_503s_retried(prepared: tuple, hf: HFGenerator,
