@@ -1,8 +1,8 @@
 """The openai backend's fleet against real servers on 127.0.0.1.
 
 Two ``transformers serve`` processes on the packaged SmolLM2 (as shipped: text prompts only, no
-token ids back) are shared by the module; the kill test is the last to use them: it kills one. A small
-server of our own (``IdServer``: the same SmolLM2 in this process) stands in only where
+token ids back) are shared by the module; the kill test is the last to use them: it kills one.
+A small server of our own (``IdServer``: the same SmolLM2 in this process) stands in only where
 ``transformers serve`` cannot: token-id prompts with token ids back, and 503s on demand.
 """
 
