@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,8 +20,8 @@ import pytest
 from dflash_models.generation import SamplingParams, encode_prompt, plan_batches, render_prompt
 from storage import Store, read_manifest
 from storage.catalog import connect
-from storage.errors import ConfigError, StoreError
-from tasks.backends import GenRow, OpenAIBackend, OpenAIConfig, check_server, get_backend
+from storage.errors import StoreError
+from tasks.backends import GenRow, get_backend
 from tasks.generate import (
     GenerateConfig,
     commit_generation,
@@ -271,79 +270,4 @@ def test_sigkill_mid_stage_resumes_at_the_first_missing_shard(tmp_path: Path) ->
     assert sorted(i for (i,) in ids) == [f"q:{i}" for i in range(6)]  # none lost or duplicated
 
 
-# ----------------------------------------------------------------------------- openai
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``transformers serve`` on loopback serving the packaged SmolLM2 folder, offline."""
-    import httpx
-
-    port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    exe = Path(sys.executable).parent / "transformers"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(exe), "serve", str(smollm2_dir), "--host", "127.0.0.1",
-                                 "--port", str(port), "--device", "cpu"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        else:
-            pytest.fail(f"transformers serve did not start: {log.read_text()[-1500:]}")
-        yield url + "/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def test_openai_backend_against_transformers_serve(served: str, tmp_path: Path,
-                                                   s3_bucket: str) -> None:
-    store = Store(f"s3://{s3_bucket}/gen")
-    target, prompts = _prepared(store, tmp_path, [QUESTIONS[1], "hello " * 9000, QUESTIONS[0]])
-    cfg = GenerateConfig(backend="openai", max_new_tokens=4, shard_size=2,
-                         openai=OpenAIConfig(base_url=served, concurrency=2, max_retries=1))
-    m = run_generate(store, cfg, target, prompts)
-    assert m.rows == {"generations": 2, "generation_errors": 1}
-    con = connect(store)
-    rows = dict(con.execute("SELECT prompt_id, response_text FROM generations").fetchall())
-    assert "yes" in rows["q:0"].lower() and rows["q:2"]
-    fin = con.execute("SELECT finish_reason, n_response_tokens, backend FROM generations "
-                  "WHERE prompt_id = 'q:2'").fetchone()
-    assert fin == ("length", 4, "openai")
-    reason = con.execute("SELECT reason FROM generation_errors").fetchone()[0]
-    assert "context is 8192 tokens" in reason
-
-
-def test_openai_retries_then_errors_row_and_bad_url_fails_fast(smollm2_dir: Path,
-                                                               tmp_path: Path) -> None:
-    dead = OpenAIConfig(base_url=f"http://127.0.0.1:{_free_port()}/v1", model="m",
-                        max_retries=2, backoff_s=0.01, timeout=2)
-    backend = OpenAIBackend(dead, smollm2_dir)
-    t0 = time.perf_counter()
-    out = backend.generate([GenRow("x", [{"role": "user", "content": "hi"}], "hi", [1, 2])],
-                           SamplingParams(max_new_tokens=2))
-    assert out[0].finish_reason == "error" and "after 2 retries" in out[0].error
-    assert time.perf_counter() - t0 < 10
-    with pytest.raises(ConfigError) as e:
-        check_server(dead)
-    assert dead.base_url in str(e.value) and "\n" not in str(e.value)
-    store = Store(tmp_path / "store")
-    target, prompts = _prepared(store, tmp_path, QUESTIONS[:1])
-    with pytest.raises(ConfigError):
-        run_generate(store, GenerateConfig(backend="openai", openai=dead), target, prompts)
-    assert not store.find("generations")  # bad input commits nothing
+# The openai backend (a fleet of real servers) is tested in tests/test_fleet.py.
