@@ -8,7 +8,6 @@ are shared across assertions (each costs seconds of interpreter start-up per ran
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -121,3 +120,97 @@ def test_fsdp_two_processes_match_one(tmp_path: Path, tiny_target_dir: Path,  # 
     assert_same_weights(weights(ref_store, ref), weights(store, m))
     assert m.extra["dflash"]["best"]["step"] == ref.extra["dflash"]["best"]["step"]
     assert not store.find(f"{m.prefix}/checkpoints")
+
+
+def rank_pids(launcher: int) -> dict[int, int]:
+    """The ranks (RANK -> pid) torchrun started for the launcher process ``launcher``."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"DFLASH_TRAIN_PARENT={launcher}".encode() in env:
+            for e in env:
+                if e.startswith(b"RANK="):
+                    out[int(e[5:])] = int(d.name)
+    return out
+
+
+def wait_for_checkpoint(store_dir: Path, proc: subprocess.Popen, step: int) -> Path:
+    """The train output folder, once checkpoint ``step`` is committed (its state.json record)."""
+    marker = f"checkpoints__dflash__step-{step:07d}__state.json.json"
+    deadline = time.monotonic() + 120
+    while not (hits := list((store_dir / "train").glob(f"*/_parts/{marker}"))):
+        assert proc.poll() is None, "training ended before its checkpoint:\n" + \
+            (proc.stdout.read() if proc.stdout else "")
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    return hits[0].parent.parent
+
+
+def committed_checkpoints(store: Store, out: Path) -> list[int]:
+    prefix = f"train/{out.name}"
+    return sorted(int(n.split("/step-")[1].split("/")[0]) for n in recorded_parts(store, prefix)
+                  if n.startswith("checkpoints/dflash/step-") and n.endswith("/state.json"))
+
+
+def wait_gone(launcher: int, within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while rank_pids(launcher):
+        assert time.monotonic() < deadline, f"ranks still running {within_s} s later"
+        time.sleep(0.2)
+
+
+def test_kills_then_resume_across_world_sizes(tmp_path: Path, tiny_target_dir: Path,  # noqa: F811
+                                               reference) -> None:
+    """One chain of runs of the same training (FSDP2 unless said), each held to the
+    uninterrupted reference:
+
+    1. a world of one under torchrun; SIGKILL of its launcher after checkpoint 5: the rank
+       (in its own session) exits within 30 s;
+    2. rerun on 2 ranks: resumes from the 1-rank checkpoint (1 -> 2); SIGKILL of rank 1 after
+       checkpoint 10: the job ends within 60 s with an error, not a hang, and exactly one
+       committed checkpoint is visible;
+    3. that folder resumed on 2 ranks, and (a copy) on 1 process (2 -> 1, DDP world of one):
+       both end with the uninterrupted run's losses and weights.
+    """
+    ref_store, ref = reference
+    store, fm = store_like(ref_store, tmp_path / "a")
+    store_dir = tmp_path / "a/store"
+    proc = spawn(store_dir, tiny_target_dir, base_cfg(strategy="fsdp"), throttle=0.25)
+    out = wait_for_checkpoint(store_dir, proc, 5)
+    assert set(rank_pids(proc.pid)) == {0}
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()  # not communicate(): the ranks hold the output pipe while they live
+    wait_gone(proc.pid, 30)
+    log = proc.stdout.read() if proc.stdout else ""
+    assert f"launcher process {proc.pid} is gone; rank 0 exits" in log
+    assert "checkpoints/dflash/done.json" not in recorded_parts(store, f"train/{out.name}")
+
+    cfg = base_cfg(strategy="fsdp", nproc=2)
+    proc = spawn(store_dir, tiny_target_dir, cfg, throttle=0.25)
+    wait_for_checkpoint(store_dir, proc, 10)
+    pids = rank_pids(proc.pid)
+    assert set(pids) == {0, 1}
+    t = time.monotonic()
+    os.kill(pids[1], signal.SIGKILL)
+    log, _ = proc.communicate(timeout=90)
+    assert proc.returncode != 0 and time.monotonic() - t < 60
+    assert "resumed from checkpoint at step 5" in log
+    assert "train: torchrun exited" in log and "rank      : 1" in log
+    assert not rank_pids(proc.pid)  # rank 0 is gone too
+    steps = committed_checkpoints(store, out)
+    assert len(steps) == 1 and steps[0] in (10, 15)  # the newest only, no half-written one
+    shutil.copytree(store_dir, tmp_path / "b/store")
+
+    m2 = run_train(store, cfg, tiny_target_dir, fm)
+    store1 = Store(tmp_path / "b/store")
+    m1 = run_train(store1, base_cfg(), tiny_target_dir, read_manifest(store1, "filter",
+                                                                        "test-filter"))
+    for s, m in ((store, m2), (store1, m1)):
+        assert m.key == ref.key and m.extra["dflash"]["resumed_from"] == steps[0]
+        assert_same_weights(weights(ref_store, ref), weights(s, m))
+        assert losses(s) == pytest.approx(losses(ref_store), rel=1e-4)
