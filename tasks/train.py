@@ -42,7 +42,7 @@ log = logging.getLogger("dflash")
 STAGE = "train"
 FINAL_FILES_KEY = "outputs"
 EXECUTION_FIELDS = {"threads", "strategy", "nproc", "nnodes", "node_rank", "rdzv_endpoint",
-                    "dist_timeout_s"}
+                    "dist_timeout_s", "feature_cache_max_gb"}
 
 
 class TrainConfig(BaseModel):
@@ -82,6 +82,11 @@ class TrainConfig(BaseModel):
     # --- target features
     features: Literal["online", "cached"] = "cached"
     feature_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    feature_shard_tokens: int = Field(16384, ge=1, description="tokens per feature shard: "
+                                      "the unit a rank builds (ranks take every N-th shard)")
+    feature_cache_max_gb: float | None = Field(None, gt=0, description="cached mode: fail "
+                                               "before any work when the cache would be larger "
+                                               "(the local store's free space is checked too)")
     feature_cpu_bf16: bool | Literal["auto"] = Field(
         False, description="the training examples' target pass (cached or online) under bf16 "
         "autocast on CPU, LM head in fp32: ~1.6x faster where the CPU has native bf16; the "
@@ -231,7 +236,7 @@ def features_config(cfg: TrainConfig, layer_ids: list[int], train_cpu_bf16: bool
     training device (the key records what was computed, not the request)."""
     return FeaturesConfig(layer_ids=layer_ids, dtype=cfg.feature_dtype,
                           train_cpu_bf16=train_cpu_bf16, keep_last=cfg.distill > 0,
-                          selection=cfg.selection())
+                          selection=cfg.selection(), shard_tokens=cfg.feature_shard_tokens)
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -34,7 +34,6 @@ from torch import nn
 from dflash_models.blocks import VocabHead
 from dflash_models.draft import DFlashDraft, DFlashDraftConfig, init_from_target
 from dflash_models.features import (
-    CachedFeatures,
     FeatureRow,
     OnlineFeatures,
     bytes_per_token,
@@ -69,7 +68,13 @@ from storage import Manifest, Store
 from storage.manifest import PARTS, recorded_parts, write_part
 from storage.parquet import to_parquet_bytes
 from tasks.progress import Progress
-from tasks.train_features import load_data, read_features, run_features
+from tasks.train_features import (
+    StreamedFeatures,
+    check_cache_size,
+    load_data,
+    read_features,
+    run_features,
+)
 from tasks.train_phases import (
     Ctx,
     Phase,
@@ -155,11 +160,11 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
 
         fcfg = features_config(cfg, layer_ids, feature_bf16)
         inputs = {"target": _Ref(job.target_digest), "filter": filter_m}
-        if info.main:  # one builder; the other ranks then find it committed
-            run_features(store, fcfg, inputs, target, data)
-        barrier(info)
-        fm = run_features(store, fcfg, inputs, target, data)
-        source: Any = CachedFeatures(read_features(store, fm, "train"), data.train, info.device)
+        check_cache_size(store, fcfg, target.hidden_size, data, cfg.feature_cache_max_gb)
+        # every rank builds its share of the shards, then streams them (never all in RAM)
+        fm = run_features(store, fcfg, inputs, target, data, rank=info.rank, world=info.world,
+                          barrier=functools.partial(barrier, info))
+        source: Any = StreamedFeatures(store, fm, "train", data.train, info.device)
         eval_rows = read_features(store, fm, "eval") if info.main else {}
         summary["features_key"] = fm.key
         summary["feature_bytes_per_token"] = fm.extra["bytes_per_token"]  # `last` included
@@ -184,7 +189,7 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
     if cfg.draft_vocab_size:
         taught = None
         if cfg.labels == "target" and cfg.features == "cached":  # online: not known up front
-            taught = [source.rows[i].greedy[ex.response_start + 1:]
+            taught = [source.greedy(i)[ex.response_start + 1:]
                       for i, ex in enumerate(data.train)]
         draft_ids, summary["draft_vocab"] = choose_draft_vocab(data, cfg.draft_vocab_size,
                                                                target.vocab_size, taught)

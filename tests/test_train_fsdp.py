@@ -8,6 +8,7 @@ are shared across assertions (each costs seconds of interpreter start-up per ran
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -214,3 +215,42 @@ def test_kills_then_resume_across_world_sizes(tmp_path: Path, tiny_target_dir: P
         assert m.key == ref.key and m.extra["dflash"]["resumed_from"] == steps[0]
         assert_same_weights(weights(ref_store, ref), weights(s, m))
         assert losses(s) == pytest.approx(losses(ref_store), rel=1e-4)
+
+
+def test_two_nodes_cached_features_match_one_process(tmp_path: Path, tiny_target_dir: Path,  # noqa: F811
+                                                     reference) -> None:
+    """Two "nodes" of one process each join through a c10d rendezvous on 127.0.0.1 (FSDP2,
+    cached features): each rank writes its share of the feature shards, byte-identical to a
+    single builder's; losses and weights equal one process's; node 1 returns node 0's commit."""
+    ref_store, _ = reference
+    kw = dict(features="cached", feature_shard_tokens=400)
+    store1, fm1 = store_like(ref_store, tmp_path / "one")
+    one = run_train(store1, base_cfg(**kw), tiny_target_dir, fm1)
+    store, fm = store_like(ref_store, tmp_path / "two")
+    endpoint = f"127.0.0.1:{free_port()}"
+    cfg = base_cfg(strategy="fsdp", nnodes=2, rdzv_endpoint=endpoint, **kw)
+    node1 = spawn(tmp_path / "two/store", tiny_target_dir,
+                  cfg.model_copy(update={"node_rank": 1}))
+    two = run_train(store, cfg, tiny_target_dir, fm)
+    log, _ = node1.communicate(timeout=120)
+    assert node1.returncode == 0, log
+    assert f"KEY {two.key}" in log and two.key == one.key
+    assert losses(store) == pytest.approx(losses(store1), rel=1e-4)
+    assert_same_weights(weights(store1, one), weights(store, two))
+    a, b = (shard_contents(s, m.extra["features_key"]) for s, m in ((store1, one), (store, two)))
+    assert len([p for p in a if p.startswith("train-")]) >= 4  # both ranks had shards
+    assert a == b
+
+
+def shard_contents(store: Store, key: str) -> dict[str, tuple[dict, bytes]]:
+    """Each feature shard as (parsed header, tensor bytes): safetensors writes its metadata
+    from a hash map, so the header's key order varies between processes, not its content."""
+    import struct
+
+    out = {}
+    for f in read_manifest(store, "features", key).files:
+        if f.path.endswith(".safetensors"):
+            raw = store.read_bytes(f"features/{key}/{f.path}")
+            n = struct.unpack("<Q", raw[:8])[0]
+            out[f.path] = (json.loads(raw[8:8 + n]), raw[8 + n:])
+    return out
