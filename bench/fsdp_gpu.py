@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import sys
 import time
@@ -34,6 +35,7 @@ from dflash_models.blocks import (  # noqa: E402
     make_dflash_batch,
 )
 from dflash_models.distributed import (  # noqa: E402
+    all_reduce_sum,
     init_distributed,
     sharded_state,
     shutdown_distributed,
@@ -55,6 +57,10 @@ QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
                 num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                 head_dim=128, max_position_embeddings=40960, rope_theta=1_000_000.0,
                 rms_norm_eps=1e-6, tie_word_embeddings=False)
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+               max_position_embeddings=2048, rope_theta=100_000.0, rms_norm_eps=1e-5,
+               tie_word_embeddings=True)
 TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             max_position_embeddings=1024, rope_theta=10_000.0, rms_norm_eps=1e-6,
@@ -72,11 +78,12 @@ def own_process_group() -> None:
 
 
 def random_target(shape: dict, device: torch.device) -> Target:
-    """A random-weight bf16 Qwen3 of ``shape``, built directly on ``device``."""
+    """A random-weight Qwen3 of ``shape``, built directly on ``device``: bf16 on CUDA, fp32 on
+    CPU (where bf16 matmuls are emulated unless the CPU has AVX512-BF16/AMX)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     saved = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         with torch.device(device):
             model = Qwen3ForCausalLM(Qwen3Config(**shape))
@@ -93,7 +100,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seq-len", type=int, default=3072)
     ap.add_argument("--anchors", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=1, help="sequences per step")
+    ap.add_argument("--batch", type=int, default=1, help="GLOBAL sequences per step")
+    ap.add_argument("--strategy", choices=("ddp", "fsdp"), default="fsdp")
+    ap.add_argument("--shape", choices=("qwen3-8b", "smollm2"), default="qwen3-8b",
+                    help="the random target's shape (the draft follows it)")
+    ap.add_argument("--draft-layers", type=int, default=5)
     args = ap.parse_args()
     if args.tiny:
         args.seq_len, args.anchors = min(args.seq_len, 256), min(args.anchors, 16)
@@ -105,13 +116,17 @@ def main() -> None:
                             timeout_s=600)
     dev = info.device
     torch.manual_seed(0)
-    target = random_target(TINY if args.tiny else QWEN3_8B, dev)
+    shape = TINY if args.tiny else {"qwen3-8b": QWEN3_8B, "smollm2": SMOLLM2}[args.shape]
+    target = random_target(shape, dev)
     block = 16
-    dcfg = DFlashDraftConfig.from_target(target, num_layers=5, block_size=block,
+    per_rank = args.batch // info.world
+    if per_rank * info.world != args.batch:
+        raise SystemExit(f"--batch {args.batch} does not divide over {info.world} processes")
+    dcfg = DFlashDraftConfig.from_target(target, num_layers=args.draft_layers, block_size=block,
                                          num_feature_layers=5)
     draft = DFlashDraft(dcfg).to(dev)  # fp32 master weights, as the stage trains them
     module = DFlashTrainModule(draft)
-    model = wrap_for_training(module, info, "fsdp", bf16=dev.type == "cuda")
+    model = wrap_for_training(module, info, args.strategy, bf16=dev.type == "cuda")
     opt = build_optimizer(model, 6e-4, 0.01)
     total = args.warmup + args.steps
     sched = build_scheduler(opt, total, 1, 0.05)
@@ -127,7 +142,8 @@ def main() -> None:
         return autocast_context(dev, True)
 
     def batch_at(step: int):  # noqa: ANN202
-        idx = [(step * args.batch + j) % n_seq for j in range(args.batch)]
+        first = step * args.batch + info.rank * per_rank  # this rank's share of the step
+        idx = [(first + j) % n_seq for j in range(per_rank)]
         rows = features.get(idx)
         anchors = [sample_anchors(start, args.seq_len, args.anchors, block,
                                   example_generator(0, 0, step * 1000 + i)) for i in idx]
@@ -148,26 +164,31 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
         b = batch_at(step)
+        (w,) = all_reduce_sum([float(b.weights.sum())], info)
         res = train_step(model, opt, sched, [b],
-                         lambda mb: dflash_loss_sum(model, target, head, mb, amp),
-                         float(b.weights.sum()), 1, 1.0)
-        losses.append(res.loss)
+                         lambda mb: dflash_loss_sum(model, target, head, mb, amp), w,
+                         info.world, 1.0)
+        loss, late = all_reduce_sum([res.loss, float(time.perf_counter() - t0 > args.seconds)],
+                                    info)  # the ranks stop together, or a collective hangs
+        losses.append(loss)
         if step >= args.warmup:
             timed += 1
-            tokens += args.batch * args.seq_len
-            if time.perf_counter() - t0 > args.seconds:
+            tokens += args.batch * args.seq_len  # the whole step's, over all ranks
+            if late:
                 break
     sync()
     dt = time.perf_counter() - t0
     tensors, _ = sharded_state(model, opt)
+    params = sum(t.numel() for k, t in tensors.items() if k.startswith("model."))
     state_bytes = sum(t.to_local().numel() * t.element_size() if hasattr(t, "to_local")
                       else t.numel() * t.element_size() for t in tensors.values())
     out = {
         "bench": "fsdp_gpu", "device": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                                         else "cpu"), "tiny": args.tiny, "world": info.world,
-        "strategy": "fsdp", "torch": torch.__version__,
+        "rank": info.rank, "strategy": args.strategy, "torch": torch.__version__,
+        "shape": "tiny" if args.tiny else args.shape,
         "draft": {"layers": dcfg.num_layers, "hidden": dcfg.hidden_size,
-                  "params": sum(p.numel() for p in draft.parameters())},
+                  "params": params},
         "target_layers": target.num_layers, "seq_len": args.seq_len, "anchors": args.anchors,
         "batch": args.batch, "warmup_steps": args.warmup, "steps": timed,
         "step_s": dt / max(timed, 1), "tokens_per_s": tokens / dt,
@@ -176,6 +197,7 @@ def main() -> None:
                              if dev.type == "cuda" else None),
         "peak_gpu_reserved_gib": (torch.cuda.max_memory_reserved(dev) / 2**30
                                   if dev.type == "cuda" else None),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "loss_first": losses[0], "loss_last": losses[-1], "wall_s": time.perf_counter() - t_start,
     }
     print(json.dumps(out), flush=True)
