@@ -665,7 +665,7 @@ def test_smollm2_training_loss_falls_and_exports_reload(tmp_path: Path, smollm2_
     data = load_data(store, fm, target, cfg.selection())
     feats = read_features(store, read_manifest(store, "features", extra["features_key"]), "eval")
     stats = BlockStats(cfg.block_size)
-    anchors = eval_anchors(cfg, data)
+    anchors = eval_anchors(cfg, data, draft.config.block_size)
     rows_ = [feats[i] for i in range(len(data.eval))]
     labels = [greedy_block_labels(r.ids, r.greedy, anchors[i], 8) for i, r in enumerate(rows_)]
     batch = make_dflash_batch([r.ids for r in rows_], [r.features.float() for r in rows_],
