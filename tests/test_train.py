@@ -383,9 +383,9 @@ def test_time_budget_replans_at_every_checkpoint(tmp_path: Path, tiny_target_dir
     recorded: list[tuple[int, int]] = []  # (step, total_steps) of every checkpoint written
     real = td._write_checkpoint
 
-    def spy(ph, ctx, opt, sched, state, s):
+    def spy(ph, ctx, model, opt, sched, state, s):
         recorded.append((s, state["total_steps"]))
-        real(ph, ctx, opt, sched, state, s)
+        real(ph, ctx, model, opt, sched, state, s)
 
     monkeypatch.setattr(td, "_write_checkpoint", spy)
     m = run_train(store, TrainConfig.tiny(max_steps=400, eval_every=0, checkpoint_every=2,
