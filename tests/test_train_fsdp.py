@@ -254,3 +254,33 @@ def shard_contents(store: Store, key: str) -> dict[str, tuple[dict, bytes]]:
             n = struct.unpack("<Q", raw[:8])[0]
             out[f.path] = (json.loads(raw[8:8 + n]), raw[8 + n:])
     return out
+
+
+def test_s3_store_checkpoints_and_streamed_features_resume(
+        s3_bucket: str, tiny_target_dir: Path, tiny_rows: list[dict],  # noqa: F811
+        reference, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On S3 (moto's server) a rank stages its checkpoint shard locally and uploads it, a resume
+    downloads it, and cached features stream from local copies: a run that fails at step 13
+    resumes from step 10 and ends with the uninterrupted (online, local) run's losses."""
+    import tasks.train_dist as td
+    from tests.test_train import write_filter
+
+    ref_store, _ = reference
+    store = Store(f"s3://{s3_bucket}/prefix")
+    fm = write_filter(store, tiny_rows, n_eval=4)
+    real, calls = td.train_step, {"n": 0}
+
+    def failing_step(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise RuntimeError("injected failure")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(td, "train_step", failing_step)
+    cfg = base_cfg(features="cached", feature_shard_tokens=400)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_train(store, cfg, tiny_target_dir, fm)
+    m = run_train(store, cfg, tiny_target_dir, fm)
+    assert m.extra["dflash"]["resumed_from"] == 10
+    assert losses(store) == pytest.approx(losses(ref_store), rel=1e-4)
+    assert not store.find(f"{m.prefix}/checkpoints")
