@@ -23,9 +23,11 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,13 +343,45 @@ def _launch_torchrun(job: Any, cfg: TrainConfig, out: StageOutput) -> None:
                "PYTHONPATH": os.pathsep.join(
                    [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
         log.info("train: %s", " ".join(cmd))
-        proc = subprocess.Popen(cmd, env=env)
+        # stderr goes to a file that we relay, not to a pipe: ranks outliving a killed launcher
+        # must not die of a broken pipe before they notice (and say) it
+        err_path = Path(tmp) / "torchrun.err"
+        with open(err_path, "w") as err:
+            proc = subprocess.Popen(cmd, env=env, stderr=err)
+        failed: dict[str, str] = {}
+        reader = threading.Thread(target=_relay, args=(err_path, proc, failed), daemon=True)
+        reader.start()
         last = time.monotonic()
         while proc.poll() is None:
             time.sleep(1.0)
             if time.monotonic() - last > 60:
                 out._heartbeat()  # the lease's heartbeat: we are alive while the ranks work
                 last = time.monotonic()
+        reader.join(timeout=5)
         if proc.returncode != 0:
-            raise RuntimeError(f"train: torchrun exited with {proc.returncode} (a rank failed; "
-                               "its error is above)")
+            who = (f"rank {failed['rank']} failed (exit code {failed.get('exitcode', '?')})"
+                   if "rank" in failed else "a rank failed")
+            raise RuntimeError(f"train: {who}; torchrun exited with {proc.returncode} (the "
+                               "rank's error is above)")
+
+
+_FAILURE = re.compile(r"^\s*(rank|exitcode)\s*:\s*(-?\d+)")
+
+
+def _relay(path: Path, proc: subprocess.Popen, failed: dict[str, str]) -> None:
+    """Copy torchrun's stderr file to our stderr as it grows, keeping the first failed rank of
+    its summary (``Root Cause ... rank : 1 (local_rank: 1) ... exitcode : -9``)."""
+    with open(path, errors="replace") as f:
+        while True:
+            line = f.readline()
+            if not line:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.2)
+                continue
+            sys.stderr.write(line)
+            if "Root Cause" in line:  # the first failure; "Failures:" lists those it caused
+                failed["root"] = "1"
+            m = _FAILURE.match(line)
+            if m and "root" in failed and m.group(1) not in failed:
+                failed[m.group(1)] = m.group(2)

@@ -185,10 +185,9 @@ def test_kills_then_resume_across_world_sizes(tmp_path: Path, tiny_target_dir: P
     out = wait_for_checkpoint(store_dir, proc, 5)
     assert set(rank_pids(proc.pid)) == {0}
     proc.send_signal(signal.SIGKILL)
-    proc.wait()  # not communicate(): the ranks hold the output pipe while they live
+    proc.wait()
     wait_gone(proc.pid, 30)
-    log = proc.stdout.read() if proc.stdout else ""
-    assert f"launcher process {proc.pid} is gone; rank 0 exits" in log
+    # it stopped, not finished: 15 more steps at >= 0.15 s would have recorded the phase's end
     assert "checkpoints/dflash/done.json" not in recorded_parts(store, f"train/{out.name}")
 
     cfg = base_cfg(strategy="fsdp", nproc=2)
@@ -201,7 +200,7 @@ def test_kills_then_resume_across_world_sizes(tmp_path: Path, tiny_target_dir: P
     log, _ = proc.communicate(timeout=90)
     assert proc.returncode != 0 and time.monotonic() - t < 60
     assert "resumed from checkpoint at step 5" in log
-    assert "train: torchrun exited" in log and "rank      : 1" in log
+    assert "train: rank 1 failed (exit code -9); torchrun exited" in log
     assert not rank_pids(proc.pid)  # rank 0 is gone too
     steps = committed_checkpoints(store, out)
     assert len(steps) == 1 and steps[0] in (10, 15)  # the newest only, no half-written one
