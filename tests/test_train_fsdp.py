@@ -295,3 +295,31 @@ def test_s3_store_checkpoints_and_streamed_features_resume(
     assert m.extra["dflash"]["resumed_from"] == 10
     assert losses(store) == pytest.approx(losses(ref_store), rel=1e-4)
     assert not store.find(f"{m.prefix}/checkpoints")
+
+
+def test_world_and_cache_size_errors_come_before_any_work(tmp_path: Path) -> None:
+    """One clear line each: a global batch that does not divide over the world, a multi-node
+    config without a rendezvous, a feature cache over its limit or over the store's free space."""
+    from pydantic import ValidationError
+
+    from dflash_models.features import Example
+    from tasks.train import features_config
+    from tasks.train_features import TrainData, check_cache_size
+
+    with pytest.raises(ValidationError, match="batch_size 6 is global and must divide evenly "
+                                              "over nproc x nnodes = 4"):
+        TrainConfig(batch_size=6, nproc=2, nnodes=2, rdzv_endpoint="h:1")
+    with pytest.raises(ValidationError, match="needs train.rdzv_endpoint"):
+        TrainConfig(nnodes=2)
+    assert TrainConfig(batch_size=8, nproc=4, strategy="fsdp").key_config() == \
+        TrainConfig(batch_size=8).key_config()
+    cfg = features_config(TrainConfig(feature_dtype="bfloat16"), [1, 2, 3, 4], False)
+    data = TrainData([Example(torch.zeros(1000, dtype=torch.long), 10, "regenerated", 0)] * 100,
+                     [], {})
+    store = Store(tmp_path / "store")
+    need = check_cache_size(store, cfg, 4096, data, max_gb=10)
+    assert need == 100 * 1000 * (4 * 4096 * 2 + 8)  # features + ids/greedy per token
+    with pytest.raises(ValueError, match=r"would take 3\.3 GB, over train.feature_cache_max_gb"):
+        check_cache_size(store, cfg, 4096, data, max_gb=1)
+    with pytest.raises(ValueError, match="GB free under"):
+        check_cache_size(store, cfg, 4096 * 10**5, data, max_gb=None)
