@@ -202,8 +202,13 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
         classic_total = cfg.classic_max_steps or total
         summary["classic"] = run_phase(classic_phase(ctx, target, data, eval_rows,
                                                       classic_total), ctx)
-    if not info.main:
-        return None
+    result = _write_outputs(summary, writer, t0) if info.main else None
+    barrier(info)  # on several nodes, node 0's launcher commits when ITS ranks end: wherever
+    return result  # rank 0 runs, its files must be in the store by then
+
+
+def _write_outputs(summary: dict[str, Any], writer: Writer, t0: float) -> dict[str, Any]:
+    """Rank 0: the metrics tables and ``train_summary.json`` (written last)."""
     extra_files: list[str] = []
     tables = [("train_metrics", summary["dflash"].pop("metrics"))]
     if "classic" in summary:  # its own table: readers of train_metrics expect one curve
