@@ -1,7 +1,7 @@
 """The training loop's pure-torch pieces, shared by the DFlash draft and the classic baseline.
 
-Nothing here knows about Prefect or the store: checkpoints are returned as ``{name: bytes}``
-(safetensors for tensors, JSON for scalars; never pickles) and the caller decides where they go.
+Nothing here knows about Prefect or the store: checkpoints are local folders of safetensors
+shards plus JSON bytes (never pickles) and the caller decides where they go.
 
 Three choices that make resume and data-parallel runs reproducible:
 - The data position is a pure function of the step: epoch ``e`` visits the examples in
@@ -11,7 +11,9 @@ Three choices that make resume and data-parallel runs reproducible:
   the WHOLE step (all micro-batches, all ranks), known before any forward. Gradient accumulation
   and DDP's gradient averaging (times the world size) then give the same gradient as one
   process holding the whole batch, whatever the split.
-- Checkpoints hold only trainable parameters (frozen target pieces are never stored).
+- Checkpoints hold only trainable parameters (frozen target pieces are never stored): their
+  tensors as a sharded Distributed Checkpoint (``dflash_models.distributed``), their scalars as
+  JSON (``state_json``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import random
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -28,9 +29,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
+
+from dflash_models.distributed import (  # noqa: F401  (re-exported: the loop's one import)
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    full_norm,
+    init_distributed,
+    load_sharded,
+    no_sync,
+    save_sharded,
+    shutdown_distributed,
+    sync_replica,
+    watch_parent,
+    wrap_for_training,
+)
 
 # ----------------------------------------------------------------------------- optimiser
 
@@ -71,7 +86,7 @@ def retarget_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps
 
 
 # ----------------------------------------------------------------------------- checkpoints
-WEIGHTS, OPTIM, STATE = "weights.safetensors", "optim.safetensors", "state.json"
+STATE = "state.json"
 
 
 def trainable_state(model: nn.Module) -> dict[str, Tensor]:
@@ -96,82 +111,27 @@ def weights_bytes(model: nn.Module) -> bytes:
     return st_save(trainable_state(model), metadata={"format": "pt"})
 
 
-def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors: dict[str, Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, Tensor],
-                          meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, t in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = t
-    for key, v in meta["scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g
-              for g in meta["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def rng_tensors() -> dict[str, Tensor]:
-    out = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda.{i}"] = s
-    return out
-
-
-def set_rng_tensors(tensors: dict[str, Tensor]) -> None:
-    if "rng.torch" in tensors:
-        torch.set_rng_state(tensors["rng.torch"])
-    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
-
-
-def checkpoint_blobs(model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: torch.optim.lr_scheduler.LRScheduler,
-                     state: dict[str, Any]) -> dict[str, bytes]:
-    """Everything a resume needs, as files: weights, optimiser + RNG tensors, JSON scalars.
-
-    ``state`` carries the caller's scalars (step, data position, metrics so far, best so far).
-    Write ``state.json`` LAST: its presence is what makes the checkpoint complete.
-    """
-    opt_tensors, opt_meta = _optimizer_state(optimizer)
+def state_json(scheduler: torch.optim.lr_scheduler.LRScheduler, groups: list[dict[str, Any]],
+               state: dict[str, Any]) -> bytes:
+    """The JSON half of a checkpoint (the tensors are a sharded DCP save, see
+    ``dflash_models.distributed.save_sharded``): the caller's scalars (step, metrics, best),
+    the optimiser's param groups, the scheduler and the RNG states. Written LAST: it commits."""
     py_state = random.getstate()
-    full_state = {**state, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-                  "python_random": [py_state[0], list(py_state[1]), py_state[2]]}
-    return {
-        WEIGHTS: weights_bytes(model),
-        OPTIM: st_save({**opt_tensors, **rng_tensors()}, metadata={"format": "pt"}),
-        STATE: json.dumps(full_state, indent=1, sort_keys=True).encode(),
-    }
+    full = {**state, "optimizer_groups": groups, "scheduler": scheduler.state_dict(),
+            "python_random": [py_state[0], list(py_state[1]), py_state[2]],
+            "torch_rng": torch.get_rng_state().tolist()}
+    return json.dumps(full, indent=1, sort_keys=True).encode()
 
 
-def restore_checkpoint(blobs: dict[str, bytes], model: nn.Module,
-                       optimizer: torch.optim.Optimizer,
-                       scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
-    """Inverse of ``checkpoint_blobs``; returns the caller's scalars."""
-    state = json.loads(blobs[STATE])
-    load_trainable_state(model, st_load(blobs[WEIGHTS]))
-    tensors = st_load(blobs[OPTIM])
-    _load_optimizer_state(optimizer, tensors, state.pop("optimizer"))
+def restore_state(blob: bytes, scheduler: torch.optim.lr_scheduler.LRScheduler
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Inverse of ``state_json``: restores scheduler and RNGs, returns (scalars, param groups)."""
+    state = json.loads(blob)
     scheduler.load_state_dict(state.pop("scheduler"))
-    set_rng_tensors(tensors)
+    torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
     v, internal, gauss = state.pop("python_random")
     random.setstate((v, tuple(internal), gauss))
-    return state
+    return state, state.pop("optimizer_groups")
 
 
 # ----------------------------------------------------------------------------- data position
@@ -242,21 +202,19 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     """One optimiser step over this rank's micro-batches (gradient accumulation).
 
     ``loss_sum_fn(mb)`` returns sum_i w_i * loss_i for one micro-batch; dividing by the step's
-    total weight (over all ranks) and multiplying by ``world`` (DDP averages gradients) yields
-    the gradient of the global weighted mean. DDP gradient sync only on the last micro-batch.
+    total weight (over all ranks) and multiplying by ``world`` (DDP and FSDP2 average gradients)
+    yields the gradient of the global weighted mean. Gradient sync only on the last micro-batch.
     """
     optimizer.zero_grad(set_to_none=True)
     scale = world / max(total_weight, 1e-12)
     loss_acc = 0.0
-    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     for i, mb in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with model.no_sync() if is_ddp and not last else nullcontext():
+        with no_sync(model, last=i == len(micro_batches) - 1):
             loss_sum = loss_sum_fn(mb)
             (loss_sum * scale).backward()
         loss_acc += float(loss_sum.detach())
     params = [p for p in model.parameters() if p.requires_grad]
-    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if grad_clip > 0 else 0.0
+    norm = full_norm(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if grad_clip > 0 else 0.0
     lr = float(optimizer.param_groups[0]["lr"])
     optimizer.step()
     scheduler.step()
@@ -289,64 +247,3 @@ def autocast_context(device: torch.device, bf16: bool, cpu_bf16: bool | str = Fa
     if cpu_bf16_on(device, cpu_bf16):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
-
-
-# ----------------------------------------------------------------------------- DDP helpers
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str | None = None) -> DistInfo:
-    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1).
-
-    nccl on CUDA, gloo on CPU. Without torchrun: a world of one on ``device`` (default: CUDA if
-    available).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    want = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if want.startswith("cuda") and world > 1:
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device(want)
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-    return DistInfo(rank, world, local_rank, dev)
-
-
-def all_reduce_sum(values: Sequence[float], info: DistInfo) -> list[float]:
-    """Sum small float lists across ranks (a no-op for a world of one)."""
-    if info.world == 1:
-        return [float(v) for v in values]
-    device = info.device if info.device.type == "cuda" else torch.device("cpu")
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
-def barrier(info: DistInfo) -> None:
-    if info.world > 1:
-        torch.distributed.barrier()
-
-
-def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
-    if info.world == 1:
-        return module
-    ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
-
-
-def shutdown_distributed(info: DistInfo) -> None:
-    if info.world > 1 and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()

@@ -240,7 +240,7 @@ def dflash_pipeline(options: RunOptions = RunOptions()) -> dict[str, Any]:  # no
         refs = {"target": out["target"], "filter": out["filter"]}
         out["train"] = run_cached(train_draft, "train", force, store, store_url=url, cfg=sec,
                                   target=out["target"], filtered=out["filter"],
-                                  cache_key=prefect_key("train", sec, refs))
+                                  cache_key=prefect_key("train", cfg.train.key_config(), refs))
     if stop >= 5:
         sec = cfg.benchmark.model_dump(mode="json")
         refs = {"target": out["target"], "train": out["train"], "filter": out["filter"]}

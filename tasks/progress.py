@@ -15,6 +15,8 @@ log = logging.getLogger("dflash")
 
 
 def _in_prefect_run() -> bool:
+    if "prefect" not in sys.modules:  # a run has imported it; a torchrun rank never pays ~1.3 s
+        return False
     try:
         from prefect.context import FlowRunContext, TaskRunContext
 

@@ -13,12 +13,15 @@ Two phases run one after the other, each resumable from its own checkpoints:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,6 @@ from torch import nn
 from dflash_models.blocks import VocabHead
 from dflash_models.draft import DFlashDraft, DFlashDraftConfig, init_from_target
 from dflash_models.features import (
-    CachedFeatures,
     FeatureRow,
     OnlineFeatures,
     bytes_per_token,
@@ -40,31 +42,39 @@ from dflash_models.features import (
 )
 from dflash_models.target import Target, default_target_layer_ids, load_target
 from dflash_models.trainer import (
-    OPTIM,
     STATE,
-    WEIGHTS,
     DistInfo,
     all_reduce_sum,
     barrier,
     build_optimizer,
     build_scheduler,
-    checkpoint_blobs,
     cpu_bf16_on,
     init_distributed,
+    load_sharded,
     load_trainable_state,
     plan_step,
-    restore_checkpoint,
+    restore_state,
     retarget_scheduler,
+    save_sharded,
     shutdown_distributed,
+    state_json,
+    sync_replica,
     train_step,
+    watch_parent,
     weights_bytes,
-    wrap_ddp,
+    wrap_for_training,
 )
 from storage import Manifest, Store
 from storage.manifest import PARTS, recorded_parts, write_part
 from storage.parquet import to_parquet_bytes
 from tasks.progress import Progress
-from tasks.train_features import load_data, read_features, run_features
+from tasks.train_features import (
+    StreamedFeatures,
+    check_cache_size,
+    load_data,
+    read_features,
+    run_features,
+)
 from tasks.train_phases import (
     Ctx,
     Phase,
@@ -103,10 +113,12 @@ def run_worker(job: Job, store: Store | None = None, writer: Writer | None = Non
 
     cfg = TrainConfig.model_validate(job.config)
     store = store or Store(job.store_url)
-    info = init_distributed(cfg.device)
+    info = init_distributed(cfg.device, cfg.dist_timeout_s)
+    if os.environ.get("DFLASH_TRAIN_PARENT"):
+        watch_parent(int(os.environ["DFLASH_TRAIN_PARENT"]))
     threads = cfg.threads
-    if threads is None and info.world > 1 and info.device.type == "cpu":
-        threads = max(1, (os.cpu_count() or 1) // info.world)
+    if threads is None and cfg.nproc > 1 and info.device.type == "cpu":
+        threads = max(1, (os.cpu_count() or 1) // cfg.nproc)
     saved_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -133,7 +145,7 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
     target = load_target(job.target_folder, device=str(info.device))
     filter_m = Manifest.from_dict(job.filter_manifest)
     data = load_data(store, filter_m, target, cfg.selection())
-    global_batch = cfg.batch_size * cfg.grad_accum * info.world
+    global_batch = cfg.batch_size * cfg.grad_accum
     if len(data.train) < global_batch:
         raise ValueError(f"train: {len(data.train)} training sequences cannot fill one global "
                          f"batch of {global_batch}; lower batch_size or add data")
@@ -148,11 +160,11 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
 
         fcfg = features_config(cfg, layer_ids, feature_bf16)
         inputs = {"target": _Ref(job.target_digest), "filter": filter_m}
-        if info.main:  # one builder; the other ranks then find it committed
-            run_features(store, fcfg, inputs, target, data)
-        barrier(info)
-        fm = run_features(store, fcfg, inputs, target, data)
-        source: Any = CachedFeatures(read_features(store, fm, "train"), data.train, info.device)
+        check_cache_size(store, fcfg, target.hidden_size, data, cfg.feature_cache_max_gb)
+        # every rank builds its share of the shards, then streams them (never all in RAM)
+        fm = run_features(store, fcfg, inputs, target, data, rank=info.rank, world=info.world,
+                          barrier=functools.partial(barrier, info))
+        source: Any = StreamedFeatures(store, fm, "train", data.train, info.device)
         eval_rows = read_features(store, fm, "eval") if info.main else {}
         summary["features_key"] = fm.key
         summary["feature_bytes_per_token"] = fm.extra["bytes_per_token"]  # `last` included
@@ -177,7 +189,7 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
     if cfg.draft_vocab_size:
         taught = None
         if cfg.labels == "target" and cfg.features == "cached":  # online: not known up front
-            taught = [source.rows[i].greedy[ex.response_start + 1:]
+            taught = [source.greedy(i)[ex.response_start + 1:]
                       for i, ex in enumerate(data.train)]
         draft_ids, summary["draft_vocab"] = choose_draft_vocab(data, cfg.draft_vocab_size,
                                                                target.vocab_size, taught)
@@ -190,8 +202,13 @@ def _train(job: Job, cfg: Any, store: Store, info: DistInfo, writer: Writer
         classic_total = cfg.classic_max_steps or total
         summary["classic"] = run_phase(classic_phase(ctx, target, data, eval_rows,
                                                       classic_total), ctx)
-    if not info.main:
-        return None
+    result = _write_outputs(summary, writer, t0) if info.main else None
+    barrier(info)  # on several nodes, node 0's launcher commits when ITS ranks end: wherever
+    return result  # rank 0 runs, its files must be in the store by then
+
+
+def _write_outputs(summary: dict[str, Any], writer: Writer, t0: float) -> dict[str, Any]:
+    """Rank 0: the metrics tables and ``train_summary.json`` (written last)."""
     extra_files: list[str] = []
     tables = [("train_metrics", summary["dflash"].pop("metrics"))]
     if "classic" in summary:  # its own table: readers of train_metrics expect one curve
@@ -226,27 +243,30 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
     if f"{ckdir}/done.json" in recorded:  # finished before a kill: its files are recorded
         barrier(info)
         return json.loads(store.read_bytes(f"{prefix}/{ckdir}/done.json"))
-    model = wrap_ddp(ph.module, info)
+    model = wrap_for_training(ph.module, info, cfg.strategy, bf16=cfg.bf16)
     planned, eval_s = _plan_total(ph, ctx, model, recorded)
     warmup = round(cfg.warmup_frac * planned)  # the first plan's, whatever a re-plan says
     state: dict[str, Any] = {"step": 0, "metrics": [], "best": None, "wall_s": 0.0,
                              "train_time_s": 0.0, "train_tokens": 0, "resumed_from": None,
                              "planned_steps": planned, "total_steps": planned,
                              "paced_from": [0, 0.0]}
-    opt = build_optimizer(ph.module, ph.lr, cfg.weight_decay)
+    opt = build_optimizer(model, ph.lr, cfg.weight_decay)
     sched = build_scheduler(opt, planned, warmup, cfg.min_lr_ratio)
     last = _latest_checkpoint(recorded, ckdir)
     if last is not None:
-        blobs = {n: store.read_bytes(f"{prefix}/{last}/{n}") for n in (WEIGHTS, OPTIM, STATE)}
-        state = {**state, **restore_checkpoint(blobs, ph.module, opt, sched)}
+        scalars, groups = restore_state(store.read_bytes(f"{prefix}/{last}/{STATE}"), sched)
+        with _checkpoint_folder(ctx, last, write=False) as path:
+            load_sharded(path, model, opt, groups)
+        sync_replica(model, ph.module, info)
+        state = {**state, **scalars}
         retarget_scheduler(sched, state["total_steps"])  # a re-plan before the kill holds
         state["resumed_from"] = state["step"]
-        log.info("train %s: resuming from step %d of %d", ph.name, state["step"],
+        log.info("train %s: resumed from checkpoint at step %d of %d", ph.name, state["step"],
                  state["total_steps"])
     total = state["total_steps"]
     t0, wall0 = time.perf_counter(), state["wall_s"]
     n, world = ctx.n_train, info.world
-    global_batch = cfg.batch_size * cfg.grad_accum * world
+    global_batch = cfg.batch_size * cfg.grad_accum
     row: dict[str, Any] = {}
     with Progress(f"train {ph.name}", total=total, unit="steps",
                   artifact_key=f"train-{ph.name}", enabled=info.main) as prog:
@@ -256,7 +276,7 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
         throttle = float(os.environ.get("DFLASH_TRAIN_THROTTLE_S", "0") or 0)
         while step < total:
             ts = time.perf_counter()
-            plan = plan_step(step, n, cfg.seed, cfg.batch_size, cfg.grad_accum, world)
+            plan = plan_step(step, n, cfg.seed, cfg.batch_size // world, cfg.grad_accum, world)
             mbs = [ph.prepare(idx, plan.epoch) for idx in plan.for_rank(info.rank)]
             w, tok = all_reduce_sum([sum(ph.weight(b) for b in mbs),
                                      sum(ph.tokens(b) for b in mbs)], info)
@@ -278,8 +298,9 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
             end = s == total or late_ranks > 0
             if end and s < total:
                 log.info("train %s: time budget reached at step %d of %d", ph.name, s, total)
-            if info.main and ((cfg.eval_every and s % cfg.eval_every == 0) or end):
-                ev = ph.evaluate()
+            if (cfg.eval_every and s % cfg.eval_every == 0) or end:
+                sync_replica(model, ph.module, info)  # FSDP: gathered into rank 0's replica
+                ev = ph.evaluate() if info.main else None
                 if ev is not None:
                     row.update(ev)
                     _update_best(ph, ctx, state, ev, s)
@@ -293,15 +314,15 @@ def run_phase(ph: Phase, ctx: Ctx) -> dict[str, Any]:
                     state.update(total_steps=total, paced_from=[s, row["wall_s"]])
                     retarget_scheduler(sched, total)
                     prog.set_total(total)
-                if info.main:
-                    state["wall_s"] = row["wall_s"]
-                    _write_checkpoint(ph, ctx, opt, sched, state, s)
+                state["wall_s"] = row["wall_s"]
+                _write_checkpoint(ph, ctx, model, opt, sched, state, s)
             note = f"loss {loss:.3f}" + (f" tau {row['tau_sim']:.2f}" if "tau_sim" in row else "")
             prog.advance(1, tokens=int(tok), note=note)
             if end:
                 break
             step = s
     state["wall_s"] = row.get("wall_s", state["wall_s"])
+    sync_replica(model, ph.module, info)
     result = _finish_phase(ph, ctx, state) if info.main else {}
     barrier(info)
     return result
@@ -324,10 +345,11 @@ def _plan_total(ph: Phase, ctx: Ctx, model: nn.Module, recorded: set[str]) -> tu
         plan = json.loads(ctx.store.read_bytes(f"{ctx.prefix}/{name}"))
         return int(plan["total_steps"]), float(plan["eval_s"])
     cfg, info = ctx.cfg, ctx.info
-    per_epoch = ctx.n_train // (cfg.batch_size * cfg.grad_accum * info.world)
+    per_epoch = ctx.n_train // (cfg.batch_size * cfg.grad_accum)
 
     def timed_pass(step: int) -> float:
-        sp = plan_step(step, ctx.n_train, cfg.seed, cfg.batch_size, cfg.grad_accum, info.world)
+        sp = plan_step(step, ctx.n_train, cfg.seed, cfg.batch_size // info.world,
+                       cfg.grad_accum, info.world)
         t = time.perf_counter()
         mbs = [ph.prepare(idx, sp.epoch) for idx in sp.for_rank(info.rank)]
         (w,) = all_reduce_sum([sum(ph.weight(b) for b in mbs)], info)
@@ -380,10 +402,11 @@ def _replan(ph: Phase, ctx: Ctx, step: int, elapsed_s: float, eval_s: float,
 
 
 def _latest_checkpoint(recorded: set[str], ckdir: str) -> str | None:
+    """The newest committed checkpoint: its ``state.json`` record is written after every rank's
+    shard (a folder without one is a killed save, never read)."""
     steps = [n.rsplit("/", 1)[0] for n in recorded
              if n.startswith(f"{ckdir}/step-") and n.endswith(f"/{STATE}")]
-    complete = [d for d in steps if f"{d}/{WEIGHTS}" in recorded and f"{d}/{OPTIM}" in recorded]
-    return max(complete) if complete else None
+    return max(steps) if steps else None
 
 
 def _update_best(ph: Phase, ctx: Ctx, state: dict[str, Any], ev: dict[str, Any], s: int) -> None:
@@ -398,23 +421,55 @@ def _update_best(ph: Phase, ctx: Ctx, state: dict[str, Any], ev: dict[str, Any],
     state["best"] = {"step": s, "tau_sim": tau, "acc": ev.get("acc"), "file": name}
 
 
-def _write_checkpoint(ph: Phase, ctx: Ctx, opt: Any, sched: Any, state: dict[str, Any],
-                      s: int) -> None:
+def _write_checkpoint(ph: Phase, ctx: Ctx, model: nn.Module, opt: Any, sched: Any,
+                      state: dict[str, Any], s: int) -> None:
+    """All ranks write their shards (DCP), then rank 0 commits with ``state.json`` (recorded
+    last) and drops the older checkpoints. A collective: every rank calls it."""
     d = f"checkpoints/{ph.name}/step-{s:07d}"
-    blobs = checkpoint_blobs(ph.module, opt, sched, state)
-    for name in (WEIGHTS, OPTIM, STATE):  # state.json last: it completes the checkpoint
-        ctx.writer(f"{d}/{name}", blobs[name])
-    keep = {f"{d}/{n}" for n in blobs} | {f"checkpoints/{ph.name}/plan.json"}
+    if ctx.info.main:  # shards of a killed save of this step (maybe another world size)
+        ctx.store.rm(f"{ctx.prefix}/{d}", recursive=True)
+    barrier(ctx.info)
+    with _checkpoint_folder(ctx, d, write=True) as path:
+        groups = save_sharded(path, model, opt)
+    barrier(ctx.info)  # every rank's shard is in the store
+    if not ctx.info.main:
+        return
+    ctx.writer(f"{d}/{STATE}", state_json(sched, groups, state))
+    log.info("train %s: checkpoint committed at step %d", ph.name, s)
+    keep = {f"{d}/{STATE}", f"checkpoints/{ph.name}/plan.json"}
     keep |= {state["best"]["file"]} if state["best"] else set()
     for name in recorded_parts(ctx.store, ctx.prefix):
         if name.startswith(f"checkpoints/{ph.name}/") and name not in keep:
             _drop(ctx.store, ctx.prefix, name)
 
 
+@contextlib.contextmanager
+def _checkpoint_folder(ctx: Ctx, d: str, write: bool) -> Iterator[str]:
+    """A local folder for DCP: the store's own on a local store; otherwise a staging folder
+    whose shards this rank uploads after a save (each rank its own) or downloads before a load."""
+    store, rel = ctx.store, f"{ctx.prefix}/{d}"
+    if store.protocol == "file":
+        Path(store.path(rel)).mkdir(parents=True, exist_ok=True)
+        yield store.path(rel)
+        return
+    with tempfile.TemporaryDirectory(prefix="dflash-ckpt-") as tmp:
+        if not write:
+            for name in store.ls(rel):
+                if name.endswith(".safetensors"):
+                    (Path(tmp) / name.rsplit("/", 1)[-1]).write_bytes(store.read_bytes(name))
+        yield tmp
+        if write:
+            for f in sorted(Path(tmp).glob("*.safetensors")):
+                store.put_file(f, f"{rel}/{f.name}")
+
+
 def _drop(store: Store, prefix: str, name: str) -> None:
-    """Forget a recorded file: its record first, so a crash leaves only an untrusted orphan."""
+    """Forget a recorded file: its record first, so a crash leaves only an untrusted orphan;
+    a checkpoint's ``state.json`` takes its folder of shards with it."""
     store.rm(f"{prefix}/{PARTS}/{name.replace('/', '__')}.json")
     store.rm(f"{prefix}/{name}")
+    if name.endswith(f"/{STATE}"):
+        store.rm(f"{prefix}/{name.rsplit('/', 1)[0]}", recursive=True)
 
 
 def _finish_phase(ph: Phase, ctx: Ctx, state: dict[str, Any]) -> dict[str, Any]:

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage import Manifest, Store
+from storage import Manifest, StageOutput, Store, read_manifest
 from storage.errors import SchemaError
-from storage.keys import code_fingerprint
+from storage.keys import code_fingerprint, normalise
+from storage.manifest import recorded_parts, write_part
 from storage.refs import read_table
-from tasks.base import run_stage
+from tasks.base import key_for, run_stage
 from tasks.progress import Progress
 
 if TYPE_CHECKING:  # torch is imported lazily: the CLI validates configs without loading it
@@ -172,8 +173,53 @@ def features_code() -> str:
 
 
 def run_features(store: Store, cfg: FeaturesConfig, inputs: dict[str, Any], target: Any,
-                 data: TrainData, force: bool = False) -> Manifest:
-    """Compute (or find) the cached features of ``data`` (``inputs``: target and filter refs)."""
+                 data: TrainData, force: bool = False, rank: int = 0, world: int = 1,
+                 barrier: Any = None) -> Manifest:
+    """Compute (or find) the cached features of ``data`` (``inputs``: target and filter refs).
+
+    With ``world`` > 1 every rank calls this: rank ``r`` builds shards ``r, r + world, ...``
+    (whole shards, each made of the same length-batches as a single builder's, so the bytes do
+    not depend on the world size) and records them itself; rank 0 holds the writer lease and
+    commits after ``barrier()`` (a collective over the ranks)."""
+    if world == 1:
+        m = run_stage(store, STAGE, cfg, inputs, features_code(),
+                      lambda out: _commit(out, _build(out.store, out.prefix, cfg, target, data)),
+                      force=force)
+        gc.collect()
+        return m
+    key = key_for(STAGE, cfg, inputs, features_code())
+    if (m := read_manifest(store, STAGE, key)) is not None:
+        return m
+    out = None
+    if rank == 0:  # the lease, as run_stage takes it
+        out = StageOutput(store, STAGE, key, config=normalise(cfg),
+                          inputs={k: v.digest for k, v in inputs.items()},
+                          code_fingerprint=features_code()).__enter__()
+    try:
+        barrier()
+        if read_manifest(store, STAGE, key) is None:  # not committed by another writer meanwhile
+            summary = _build(store, f"{STAGE}/{key}", cfg, target, data, rank, world)
+            barrier()  # every rank's shards are recorded
+            if out is not None:
+                _commit(out, summary)
+            barrier()
+    finally:
+        if out is not None:
+            out.__exit__(None, None, None)
+    m = read_manifest(store, STAGE, key)
+    assert m is not None
+    gc.collect()
+    return m
+
+
+def _commit(out: StageOutput, summary: dict[str, Any]) -> Manifest:
+    out.write_bytes("features.json", json.dumps(summary, indent=2).encode())
+    return out.commit(extra=summary)
+
+
+def _build(store: Store, prefix: str, cfg: FeaturesConfig, target: Any, data: TrainData,
+           rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """This rank's shards (those not recorded yet); returns the output's summary."""
     from dflash_models.features import (
         bytes_per_token,
         length_batches,
@@ -182,46 +228,67 @@ def run_features(store: Store, cfg: FeaturesConfig, inputs: dict[str, Any], targ
         target_pass,
     )
 
-    def build(out: Any) -> Manifest:
-        tgt = target
-        done = out.recorded()
-        summary: dict[str, Any] = {"layer_ids": cfg.layer_ids, "dtype": cfg.dtype,
-                                   "train_cpu_bf16": cfg.train_cpu_bf16,
-                                   "keep_last": cfg.keep_last,
-                                   "bytes_per_token": bytes_per_token(
-                                       len(cfg.layer_ids), tgt.hidden_size, cfg.dtype,
-                                       cfg.keep_last),
-                                   "splits": {}, "bytes": 0}
-        for split, exs in (("train", data.train), ("eval", data.eval)):
-            shards = plan_shards(exs, cfg.shard_tokens)
-            todo = [j for j in range(len(shards)) if f"{split}-{j:05d}.safetensors" not in done]
-            tokens = sum(int(e.ids.shape[0]) for e in exs)
-            summary["splits"][split] = {"sequences": len(exs), "tokens": tokens,
-                                        "shards": len(shards)}
-            keep_last = cfg.keep_last and split == "train"  # held-out rows never need `last`
-            summary["bytes"] += tokens * bytes_per_token(len(cfg.layer_ids), tgt.hidden_size,
-                                                         cfg.dtype, keep_last)
-            with Progress(f"features {split}", total=len(shards), unit="shards",
-                          artifact_key=f"features-{split}") as prog:
-                prog.advance(len(shards) - len(todo))
-                for j in todo:
-                    rows: dict[int, FeatureRow] = {}
-                    for batch in length_batches(shards[j], exs, cfg.batch_tokens):
-                        got = target_pass(tgt, [exs[i].ids for i in batch], cfg.layer_ids,
-                                          cpu_bf16=cfg.train_cpu_bf16 and split == "train",
-                                          keep_last=keep_last,
-                                          starts=[exs[i].response_start for i in batch])
-                        rows.update(zip(batch, got, strict=True))
-                    idx = shards[j]
-                    data_bytes = pack_shard(idx, [rows[i] for i in idx], cfg.dtype)
-                    out.write_bytes(f"{split}-{j:05d}.safetensors", data_bytes, rows=len(idx))
-                    prog.advance(1, tokens=sum(int(exs[i].ids.shape[0]) for i in idx))
-        out.write_bytes("features.json", json.dumps(summary, indent=2).encode())
-        return out.commit(extra=summary)
+    tgt = target
+    done = recorded_parts(store, prefix)
+    summary: dict[str, Any] = {"layer_ids": cfg.layer_ids, "dtype": cfg.dtype,
+                               "train_cpu_bf16": cfg.train_cpu_bf16,
+                               "keep_last": cfg.keep_last,
+                               "bytes_per_token": bytes_per_token(
+                                   len(cfg.layer_ids), tgt.hidden_size, cfg.dtype,
+                                   cfg.keep_last),
+                               "splits": {}, "bytes": 0}
+    for split, exs in (("train", data.train), ("eval", data.eval)):
+        shards = plan_shards(exs, cfg.shard_tokens)
+        mine = [j for j in range(len(shards)) if j % world == rank]
+        todo = [j for j in mine if f"{split}-{j:05d}.safetensors" not in done]
+        tokens = sum(int(e.ids.shape[0]) for e in exs)
+        summary["splits"][split] = {"sequences": len(exs), "tokens": tokens,
+                                    "shards": len(shards)}
+        keep_last = cfg.keep_last and split == "train"  # held-out rows never need `last`
+        summary["bytes"] += tokens * bytes_per_token(len(cfg.layer_ids), tgt.hidden_size,
+                                                     cfg.dtype, keep_last)
+        with Progress(f"features {split}", total=len(mine), unit="shards",
+                      artifact_key=f"features-{split}", enabled=rank == 0) as prog:
+            prog.advance(len(mine) - len(todo))
+            for j in todo:
+                rows: dict[int, FeatureRow] = {}
+                for batch in length_batches(shards[j], exs, cfg.batch_tokens):
+                    got = target_pass(tgt, [exs[i].ids for i in batch], cfg.layer_ids,
+                                      cpu_bf16=cfg.train_cpu_bf16 and split == "train",
+                                      keep_last=keep_last,
+                                      starts=[exs[i].response_start for i in batch])
+                    rows.update(zip(batch, got, strict=True))
+                idx = shards[j]
+                data_bytes = pack_shard(idx, [rows[i] for i in idx], cfg.dtype)
+                write_part(store, prefix, f"{split}-{j:05d}.safetensors", data_bytes,
+                           rows=len(idx))
+                prog.advance(1, tokens=sum(int(exs[i].ids.shape[0]) for i in idx))
+    return summary
 
-    m = run_stage(store, STAGE, cfg, inputs, features_code(), build, force=force)
-    gc.collect()
-    return m
+
+def check_cache_size(store: Store, cfg: FeaturesConfig, hidden_size: int, data: TrainData,
+                     max_gb: float | None) -> int:
+    """The cache's bytes, or one clear error before any work when it would not fit the limit
+    (``train.feature_cache_max_gb``) or a local store's free space."""
+    import shutil
+
+    from dflash_models.features import bytes_per_token
+
+    tokens = {s: sum(int(e.ids.shape[0]) for e in exs)
+              for s, exs in (("train", data.train), ("eval", data.eval))}
+    need = sum(n * bytes_per_token(len(cfg.layer_ids), hidden_size, cfg.dtype,
+                                   cfg.keep_last and s == "train") for s, n in tokens.items())
+    if max_gb is not None and need > max_gb * 1e9:
+        raise ValueError(f"train: the feature cache would take {need / 1e9:.1f} GB, over "
+                         f"train.feature_cache_max_gb = {max_gb}; use train.features: online "
+                         "or raise the limit")
+    if store.protocol == "file":
+        free = shutil.disk_usage(store.path()).free
+        if need > free:
+            raise ValueError(f"train: the feature cache would take {need / 1e9:.1f} GB, more "
+                             f"than the {free / 1e9:.1f} GB free under {store.path()}; use "
+                             "train.features: online or free space")
+    return need
 
 
 def read_features(store: Store, manifest: Manifest, split: str) -> dict[int, FeatureRow]:
@@ -233,3 +300,79 @@ def read_features(store: Store, manifest: Manifest, split: str) -> dict[int, Fea
         if f.path.startswith(f"{split}-") and f.path.endswith(".safetensors"):
             rows.update(unpack_shard(store.read_bytes(f"{manifest.prefix}/{f.path}")))
     return rows
+
+
+class StreamedFeatures:
+    """The training rows of a committed features output, read example by example from
+    memory-mapped safetensors shards (``safe_open`` slices): the cache is never held in RAM,
+    whatever its size. A remote store's shards are first copied to a local temporary folder
+    (disk, one shard at a time). Same ``get`` as ``dflash_models.features.CachedFeatures``."""
+
+    mode = "cached"
+
+    def __init__(self, store: Store, manifest: Manifest, split: str, examples: list[Example],
+                 device: Any = "cpu") -> None:
+        import tempfile
+
+        import torch
+        from safetensors import safe_open
+
+        self.device = torch.device(device)
+        self._tmp = None if store.protocol == "file" else tempfile.TemporaryDirectory(
+            prefix="dflash-features-")
+        self._handles: dict[str, Any] = {}
+        self._where: dict[int, tuple[str, int, int]] = {}
+        for f in manifest.files:
+            if not (f.path.startswith(f"{split}-") and f.path.endswith(".safetensors")):
+                continue
+            local = self._local(store, f"{manifest.prefix}/{f.path}")
+            with safe_open(local, framework="pt") as h:
+                off = h.get_tensor("offsets").tolist()
+                ids = h.get_tensor("ids")
+                for j, i in enumerate(h.get_tensor("index").tolist()):
+                    a, b = off[j], off[j + 1]
+                    if i >= len(examples) or not torch.equal(ids[a:b].long(), examples[i].ids):
+                        raise ValueError(f"feature cache example {i}: token ids differ from "
+                                         "the data")
+                    self._where[int(i)] = (local, a, b)
+        missing = [i for i in range(len(examples)) if i not in self._where]
+        if missing:
+            raise ValueError(f"feature cache lacks {len(missing)} examples (first: {missing[0]})")
+
+    def _local(self, store: Store, rel: str) -> str:
+        if self._tmp is None:
+            return store.path(rel)
+        from pathlib import Path
+
+        dst = Path(self._tmp.name) / rel.replace("/", "__")
+        with store.open_input(rel) as src, open(dst, "wb") as out:
+            while block := src.read(1 << 24):
+                out.write(block)
+        return str(dst)
+
+    def _handle(self, path: str) -> Any:
+        from safetensors import safe_open
+
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt")
+        return self._handles[path]
+
+    def greedy(self, i: int) -> Any:
+        path, a, b = self._where[i]
+        return self._handle(path).get_slice("greedy")[a:b].long()
+
+    def get(self, indices: list[int]) -> list[FeatureRow]:
+        import torch
+
+        from dflash_models.features import FeatureRow
+
+        out = []
+        for i in indices:
+            path, a, b = self._where[i]
+            h = self._handle(path)
+            last = (h.get_slice("last")[a:b].to(self.device, torch.float32)
+                    if "last" in h.keys() else None)
+            out.append(FeatureRow(h.get_slice("ids")[a:b].long(),
+                                  h.get_slice("features")[a:b].to(self.device, torch.float32),
+                                  h.get_slice("greedy")[a:b].long(), last))
+        return out

@@ -94,9 +94,9 @@ def choose_draft_vocab(data: TrainData, size: int, vocab: int,
 
 
 # ----------------------------------------------------------------------------- phases
-def eval_anchors(cfg: Any, data: TrainData) -> list[Tensor]:
+def eval_anchors(cfg: Any, data: TrainData, block_size: int) -> list[Tensor]:
     return [sample_anchors(ex.response_start, int(ex.ids.shape[0]), cfg.eval_anchors_per_seq,
-                           cfg.block_size, example_generator(cfg.seed, EVAL_ANCHOR_EPOCH, i))
+                           block_size, example_generator(cfg.seed, EVAL_ANCHOR_EPOCH, i))
             for i, ex in enumerate(data.eval)]
 
 
@@ -106,7 +106,7 @@ def dflash_phase(ctx: Ctx, target: Target, draft: DFlashDraft, head: VocabHead, 
     """The DFlash draft over target features (``source``: online or cached rows)."""
     cfg, dev = ctx.cfg, ctx.info.device
     module = DFlashTrainModule(draft)
-    mask_id, B = draft.config.mask_token_id, cfg.block_size
+    mask_id, B = draft.config.mask_token_id, draft.config.block_size  # one source, as served
     amp = functools.partial(autocast_context, dev, cfg.bf16, cfg.cpu_bf16)
 
     def prepare(idxs: list[int], epoch: int) -> Any:
@@ -129,7 +129,7 @@ def dflash_phase(ctx: Ctx, target: Target, draft: DFlashDraft, head: VocabHead, 
 
     eval_batches = []
     if eval_rows:
-        anchors = eval_anchors(cfg, data)
+        anchors = eval_anchors(cfg, data, B)
         for chunk in range(0, len(data.eval), 4):
             idx = list(range(chunk, min(chunk + 4, len(data.eval))))
             rows = [eval_rows[i] for i in idx]
@@ -210,7 +210,7 @@ def classic_phase(ctx: Ctx, target: Target, data: TrainData,
         n = teacher.shape[0]
         return distill_loss(student, teacher, torch.ones(n, dtype=torch.bool, device=dev), T) * n
 
-    anchors = eval_anchors(cfg, data)
+    anchors = eval_anchors(cfg, data, cfg.block_size)  # the DFlash draft's (no draft config here)
 
     @torch.no_grad()
     def evaluate() -> dict[str, Any] | None:

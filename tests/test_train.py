@@ -39,12 +39,14 @@ from dflash_models.target import load_target
 from dflash_models.trainer import (
     build_optimizer,
     build_scheduler,
-    checkpoint_blobs,
     example_generator,
+    load_sharded,
     lr_factor,
     plan_step,
-    restore_checkpoint,
+    restore_state,
     retarget_scheduler,
+    save_sharded,
+    state_json,
 )
 from dflash_models.training import IGNORE_INDEX, block_accuracy, sample_anchors
 from storage import StageOutput, Store, read_manifest
@@ -173,7 +175,8 @@ def test_plan_step_splits_global_batch_across_ranks() -> None:
     assert two.for_rank(0) != two.for_rank(1)
 
 
-def test_checkpoint_roundtrip_has_no_pickles() -> None:
+def test_checkpoint_roundtrip_has_no_pickles(tmp_path: Path) -> None:
+    """A world of one (no process group): DCP shards in safetensors + state.json, no pickle."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     opt = build_optimizer(model, 1e-2, 0.1)
@@ -183,15 +186,18 @@ def test_checkpoint_roundtrip_has_no_pickles() -> None:
         model(torch.randn(2, 4)).sum().backward()
         opt.step()
         sched.step()
-    blobs = checkpoint_blobs(model, opt, sched, {"step": 3})
-    assert set(blobs) == {"weights.safetensors", "optim.safetensors", "state.json"}
-    assert all(not b.startswith(b"\x80") for b in blobs.values())  # no pickle protocol header
+    groups = save_sharded(str(tmp_path), model, opt)
+    blob = state_json(sched, groups, {"step": 3})
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files and all(f.endswith(".safetensors") for f in files), files
+    assert all(not (tmp_path / f).read_bytes().startswith(b"\x80") for f in files)  # no pickle
     expected_rand = torch.rand(3)
     model2 = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     opt2 = build_optimizer(model2, 1e-2, 0.1)
     sched2 = build_scheduler(opt2, 10, 2)
     torch.manual_seed(123)
-    state = restore_checkpoint(blobs, model2, opt2, sched2)
+    state, groups2 = restore_state(blob, sched2)
+    load_sharded(str(tmp_path), model2, opt2, groups2)
     assert state["step"] == 3
     # the RNG came back too: the same draw as right after the checkpoint
     torch.testing.assert_close(torch.rand(3), expected_rand)
@@ -377,9 +383,9 @@ def test_time_budget_replans_at_every_checkpoint(tmp_path: Path, tiny_target_dir
     recorded: list[tuple[int, int]] = []  # (step, total_steps) of every checkpoint written
     real = td._write_checkpoint
 
-    def spy(ph, ctx, opt, sched, state, s):
+    def spy(ph, ctx, model, opt, sched, state, s):
         recorded.append((s, state["total_steps"]))
-        real(ph, ctx, opt, sched, state, s)
+        real(ph, ctx, model, opt, sched, state, s)
 
     monkeypatch.setattr(td, "_write_checkpoint", spy)
     m = run_train(store, TrainConfig.tiny(max_steps=400, eval_every=0, checkpoint_every=2,
@@ -576,7 +582,8 @@ def test_ddp_two_processes_match_one(tmp_path: Path, tiny_target_dir: Path,
     """torchrun --nproc_per_node 2 (gloo): per-step losses equal a single process's with the
     same global batch."""
     one = TrainConfig.tiny(batch_size=4, max_steps=3, eval_every=0, classic_layers=0)
-    two = one.model_copy(update={"batch_size": 2, "nproc": 2})
+    two = one.model_copy(update={"nproc": 2})  # batch_size is global
+    assert two.key_config() == one.key_config()
     losses = []
     for name, cfg in (("one", one), ("two", two)):
         store, fm = tiny_store(tmp_path / name, tiny_rows)
@@ -659,7 +666,7 @@ def test_smollm2_training_loss_falls_and_exports_reload(tmp_path: Path, smollm2_
     data = load_data(store, fm, target, cfg.selection())
     feats = read_features(store, read_manifest(store, "features", extra["features_key"]), "eval")
     stats = BlockStats(cfg.block_size)
-    anchors = eval_anchors(cfg, data)
+    anchors = eval_anchors(cfg, data, draft.config.block_size)
     rows_ = [feats[i] for i in range(len(data.eval))]
     labels = [greedy_block_labels(r.ids, r.greedy, anchors[i], 8) for i, r in enumerate(rows_)]
     batch = make_dflash_batch([r.ids for r in rows_], [r.features.float() for r in rows_],
