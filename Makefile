@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CONFIG  ?= configs/default.yaml
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean deploy
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml requirements-cpu.txt requirements-assets.txt
 
 run: install
 	$(BIN)/dflash run --config $(CONFIG)
+
+# Needs PREFECT_API_URL (README, "Scheduled deployments"); NOTIFY=<webhook url> adds a failure alert.
+deploy: install
+	$(BIN)/python -m flows.deploy $(if $(NOTIFY),--notify '$(NOTIFY)')
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -60,6 +60,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 ) -> PipelineConfig:
     """Read and validate a YAML config; ``overrides`` are dotted keys (``generate.seed``)."""
     p = Path(path) if path else DEFAULT_CONFIG
+    if not p.is_file() and not p.is_absolute() and (REPO / p).is_file():
+        p = REPO / p  # repo-relative, as deployments name them, from any working directory
     if not p.is_file():
         raise ConfigError(f"config {p}: file not found; pass --config PATH "
                           f"(examples in {REPO / 'configs'})")

@@ -1,0 +1,184 @@
+"""Scheduled deployments as a user runs them: `make deploy` on a real `prefect server`, a process
+worker started OUTSIDE the checkout, and the pipeline deployment run with the CLI.
+
+One module fixture does the expensive part once: two `make deploy` calls (the second with
+NOTIFY=, showing it is idempotent), a worker, and three deployment runs (ci.yaml on a temporary
+store seeded from the session's end-to-end store with the benchmark forced; the same again, which
+must be Cached; and a bad config path, which must fail with its one-line reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage import Store
+from storage.catalog import connect
+
+REPO = Path(__file__).resolve().parent.parent
+PREFECT = str(Path(sys.executable).parent / "prefect")
+DEPLOYMENTS = {"pipeline": "cpu", "pipeline-h100": "gpu-h100", "pipeline-h200": "gpu-h200",
+               "bench-h100": "gpu-h100", "bench-h200": "gpu-h200", "bench-cpu": "cpu"}
+HOOK = "http://127.0.0.1:9/dflash-hook"
+
+
+def _env(tmp: Path, api: str) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp / "prefect-home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
+
+
+def _run_deployment(env: dict[str, str], *params: str) -> str:
+    """`prefect deployment run dflash-pipeline/pipeline --param ...`: the new flow run's id."""
+    cmd = [PREFECT, "deployment", "run", "dflash-pipeline/pipeline"]
+    for p in params:
+        cmd += ["--param", p]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return re.search(r"UUID:\s*([0-9a-f-]{36})", out.stdout).group(1)
+
+
+async def _wait(api: str, run_ids: list[str], timeout: float = 600) -> dict[str, Any]:
+    from prefect.client.orchestration import PrefectClient
+
+    async with PrefectClient(api) as client:
+        deadline = time.time() + timeout
+        while True:
+            runs = {i: await client.read_flow_run(i) for i in run_ids}
+            if all(r.state and r.state.is_final() for r in runs.values()) or time.time() > deadline:
+                return runs
+            await asyncio.sleep(2)
+
+
+async def _details(api: str, run_id: str) -> dict[str, Any]:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    async with PrefectClient(api) as client:
+        runs = FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+        tasks = await client.read_task_runs(flow_run_filter=runs)
+        logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        artifacts = await client.read_artifacts(flow_run_filter=runs)
+    return {"tasks": tasks, "logs": [x.message for x in logs],
+            "artifacts": {a.key for a in artifacts if a.key}}
+
+
+async def _server_objects(api: str) -> dict[str, Any]:
+    from prefect.client.orchestration import PrefectClient
+
+    async with PrefectClient(api) as client:
+        deployments = await client.read_deployments()
+        automations = await client.read_automations()
+    return {"deployments": {d.name: d for d in deployments}, "automations": automations}
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server: str, resumed_run: dict, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("deploy")
+    api, env = prefect_server, _env(tmp, prefect_server)
+    first = subprocess.run(["make", "deploy"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=400)
+    again = subprocess.run(["make", "deploy", f"NOTIFY={HOOK}"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=400)
+    elsewhere = tmp / "worker-dir"  # NOT the checkout: the pull step must put the run there
+    elsewhere.mkdir()
+    store = tmp / "store"
+    src = Store(resumed_run["url"])
+    src.fs.get(src.path(""), str(store), recursive=True)
+    log = open(tmp / "worker.log", "w")
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "cpu", "--limit", "4"],
+                              cwd=elsewhere, env=env, stdout=log, stderr=log,
+                              start_new_session=True)
+    try:
+        ci = "config_path=configs/ci.yaml"
+        run1 = _run_deployment(env, ci, f"store={store}", 'force=["benchmark"]')
+        bad = _run_deployment(env, "config_path=configs/nope.yaml", f"store={store}")
+        states = asyncio.run(_wait(api, [run1, bad]))
+        run2 = _run_deployment(env, ci, f"store={store}")
+        states.update(asyncio.run(_wait(api, [run2])))
+        yield {"make": (first, again), "api": api, "store": str(store), "runs": states,
+               "ids": {"first": run1, "bad": bad, "second": run2}, "worker_log": tmp / "worker.log"}
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+        log.close()
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def test_make_deploy_creates_pools_and_deployments_idempotently(deployed: dict) -> None:
+    first, again = deployed["make"]
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    objs = asyncio.run(_server_objects(deployed["api"]))
+    deps = objs["deployments"]
+    assert {n: d.work_pool_name for n, d in deps.items()} == DEPLOYMENTS
+    for name, d in deps.items():  # every deployment has its own parameters, not only schedules
+        assert d.parameters["config_path"].startswith("configs/"), name
+        assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory":
+                                 {"directory": str(REPO)}}], name
+        assert (d.concurrency_limit == 1) == name.endswith(("h100", "h200")), name
+    assert deps["bench-h200"].parameters == {"config_path": "configs/qwen3-8b.yaml", "rerun": True}
+    alerts = [a for a in objs["automations"] if a.name == "dflash-failed-runs"]
+    assert len(alerts) == 1 and alerts[0].enabled
+    assert alerts[0].trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    assert [type(a).__name__ for a in alerts[0].actions] == ["SendNotification"]
+
+
+def test_deployment_run_completes_and_links_history_and_logs(deployed: dict) -> None:
+    run = deployed["runs"][deployed["ids"]["first"]]
+    assert run.state.type.value == "COMPLETED", (run.state, deployed["worker_log"].read_text()[-3000:])
+    con = connect(Store(deployed["store"]))
+    for view in ("benchmarks", "benchmark_samples"):
+        rows = con.execute(f"select distinct deployment from {view} where flow_run_id = ?",
+                           [str(run.id)]).fetchall()
+        assert rows == [("pipeline",)], view
+    details = asyncio.run(_details(deployed["api"], str(run.id)))
+    committed = [m for m in details["logs"] if ": committed " in m]
+    assert any(m.startswith("bench_runs: committed") for m in committed), details["logs"][-40:]
+    assert any(m.startswith("bench: run ") for m in details["logs"])  # INFO lines reach the run
+    names = {t.name.rsplit("-", 1)[0] for t in details["tasks"]}
+    assert {"prepare-target", "prompts", "generate-plan", "filter", "train", "benchmark",
+            "report"} <= names
+    keys = details["artifacts"]
+    assert {"dflash-report-ci", "filter-stats-ci"} <= keys
+    assert any(k.startswith("bench-") and k.endswith("-ci") for k in keys), keys
+
+
+def test_second_deployment_run_is_cached(deployed: dict) -> None:
+    run = deployed["runs"][deployed["ids"]["second"]]
+    assert run.state.type.value == "COMPLETED", run.state
+    tasks = asyncio.run(_details(deployed["api"], str(run.id)))["tasks"]
+    states = {t.name.rsplit("-", 1)[0]: t.state.name for t in tasks}
+    for stage in ("prepare-target", "prompts", "filter", "train", "benchmark"):
+        assert states[stage] == "Cached", states
+
+
+def test_bad_input_ends_failed_with_the_one_line_reason(deployed: dict) -> None:
+    run = deployed["runs"][deployed["ids"]["bad"]]
+    assert run.state.type.value == "FAILED", run.state
+    assert re.fullmatch(r"config configs/nope\.yaml: file not found; pass --config PATH "
+                        r"\(examples in .*/configs\)", run.state.message), run.state.message
+
+
+def test_tasks_do_not_import_prefect() -> None:
+    """Layering: flows/ injects progress, artifacts and run labels into tasks/."""
+    offenders = [p.name for p in (REPO / "tasks").glob("*.py")
+                 if re.search(r"^\s*(from|import) prefect", p.read_text(), re.M)]
+    assert offenders == []
