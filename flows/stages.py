@@ -104,13 +104,13 @@ def _train(store: Store, sec: dict, inputs: dict[str, Manifest], ctx: StageConte
 
 
 def _benchmark(store: Store, sec: dict, inputs: dict[str, Manifest], ctx: StageContext) -> dict:
-    from storage.hardware import hardware_tag, slug
-    from tasks.benchmark import BenchConfig, bench_table_rows, run_benchmark
+    from storage.hardware import hardware_tag
+    from tasks.benchmark import BenchConfig, bench_artifact_key, bench_table_rows, run_benchmark
 
     result = run_benchmark(store, BenchConfig(**sec), inputs["target"], inputs.get("train"),
                            inputs.get("filter"), rerun=ctx.rerun or ctx.force)
     tgt = str(inputs["target"].config.get("ref", "target"))
-    run_hooks().table(f"bench-{hardware_tag()}-{slug(tgt, 40)}", bench_table_rows(result),
+    run_hooks().table(bench_artifact_key(hardware_tag(), tgt), bench_table_rows(result),
                       "Benchmark: tau, speedup and exact match per method and dataset")
     return result["ref"]
 

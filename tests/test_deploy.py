@@ -3,8 +3,9 @@ worker started OUTSIDE the checkout, and the pipeline deployment run with the CL
 
 One module fixture does the expensive part once: two `make deploy` calls (the second with
 NOTIFY=, showing it is idempotent), a worker, and three deployment runs (ci.yaml on a temporary
-store seeded from the session's end-to-end store with the benchmark forced; the same again, which
-must be Cached; and a bad config path, which must fail with its one-line reason).
+store seeded with the session's end-to-end outputs up to the draft, so the benchmark and the
+report run and commit; the same again, which must be Cached; and a bad config path, which must
+fail with its one-line reason).
 """
 
 from __future__ import annotations
@@ -73,7 +74,10 @@ async def _details(api: str, run_id: str) -> dict[str, Any]:
     async with PrefectClient(api) as client:
         runs = FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
         tasks = await client.read_task_runs(flow_run_filter=runs)
-        logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        logs: list[Any] = []
+        while page := await client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), offset=len(logs)):
+            logs += page
         artifacts = await client.read_artifacts(flow_run_filter=runs)
     return {"tasks": tasks, "logs": [x.message for x in logs],
             "artifacts": {a.key for a in artifacts if a.key}}
@@ -99,16 +103,17 @@ def deployed(prefect_server: str, resumed_run: dict, tmp_path_factory: pytest.Te
                            capture_output=True, text=True, timeout=400)
     elsewhere = tmp / "worker-dir"  # NOT the checkout: the pull step must put the run there
     elsewhere.mkdir()
-    store = tmp / "store"
+    store = tmp / "store"  # the e2e run's outputs up to the draft: the benchmark runs anew
     src = Store(resumed_run["url"])
-    src.fs.get(src.path(""), str(store), recursive=True)
+    for stage in ("targets", "prompts", "generations", "filter", "train"):
+        src.fs.get(src.path(stage), str(store / stage), recursive=True)
     log = open(tmp / "worker.log", "w")
     worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "cpu", "--limit", "4"],
                               cwd=elsewhere, env=env, stdout=log, stderr=log,
                               start_new_session=True)
     try:
         ci = "config_path=configs/ci.yaml"
-        run1 = _run_deployment(env, ci, f"store={store}", 'force=["benchmark"]')
+        run1 = _run_deployment(env, ci, f"store={store}")
         bad = _run_deployment(env, "config_path=configs/nope.yaml", f"store={store}")
         states = asyncio.run(_wait(api, [run1, bad]))
         run2 = _run_deployment(env, ci, f"store={store}")
@@ -133,7 +138,8 @@ def test_make_deploy_creates_pools_and_deployments_idempotently(deployed: dict) 
         assert d.parameters["config_path"].startswith("configs/"), name
         assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory":
                                  {"directory": str(REPO)}}], name
-        assert (d.concurrency_limit == 1) == name.endswith(("h100", "h200")), name
+        limit = d.global_concurrency_limit.limit if d.global_concurrency_limit else None
+        assert (limit == 1) == name.endswith(("h100", "h200")), name
     assert deps["bench-h200"].parameters == {"config_path": "configs/qwen3-8b.yaml", "rerun": True}
     alerts = [a for a in objs["automations"] if a.name == "dflash-failed-runs"]
     assert len(alerts) == 1 and alerts[0].enabled
@@ -151,7 +157,8 @@ def test_deployment_run_completes_and_links_history_and_logs(deployed: dict) -> 
         assert rows == [("pipeline",)], view
     details = asyncio.run(_details(deployed["api"], str(run.id)))
     committed = [m for m in details["logs"] if ": committed " in m]
-    assert any(m.startswith("bench_runs: committed") for m in committed), details["logs"][-40:]
+    assert any(m.startswith("bench_runs: committed") for m in committed), details["logs"]
+    assert any(re.match(r"(targets|train): cached \(", m) for m in details["logs"])
     assert any(m.startswith("bench: run ") for m in details["logs"])  # INFO lines reach the run
     names = {t.name.rsplit("-", 1)[0] for t in details["tasks"]}
     assert {"prepare-target", "prompts", "generate-plan", "filter", "train", "benchmark",
