@@ -80,7 +80,7 @@ async def _details(api: str, run_id: str) -> dict[str, Any]:
             logs += page
         artifacts = await client.read_artifacts(flow_run_filter=runs)
     return {"tasks": tasks, "logs": [x.message for x in logs],
-            "artifacts": {a.key for a in artifacts if a.key}}
+            "artifacts": {a.key: a.data for a in artifacts if a.key}}
 
 
 async def _server_objects(api: str) -> dict[str, Any]:
@@ -163,9 +163,10 @@ def test_deployment_run_completes_and_links_history_and_logs(deployed: dict) -> 
     names = {t.name.rsplit("-", 1)[0] for t in details["tasks"]}
     assert {"prepare-target", "prompts", "generate-plan", "filter", "train", "benchmark",
             "report"} <= names
-    keys = details["artifacts"]
+    keys = set(details["artifacts"])
     assert {"dflash-report-ci", "filter-stats-ci"} <= keys
     assert any(k.startswith("bench-") and k.endswith("-ci") for k in keys), keys
+    assert details["artifacts"]["dflash-report-ci"].startswith("**Draft:** train/")
 
 
 def test_second_deployment_run_is_cached(deployed: dict) -> None:
