@@ -2,10 +2,10 @@
 worker started OUTSIDE the checkout, and the pipeline deployment run with the CLI.
 
 One module fixture does the expensive part once: two `make deploy` calls (the second with
-NOTIFY=, showing it is idempotent), a worker, and three deployment runs (ci.yaml on a temporary
+NOTIFY=, showing it is idempotent), a worker, and four deployment runs (ci.yaml on a temporary
 store seeded with the session's end-to-end outputs up to the draft, so the benchmark and the
-report run and commit; the same again, which must be Cached; and a bad config path, which must
-fail with its one-line reason).
+report run and commit; the same again, which must be Cached; a bad config path, which must
+fail with its one-line reason; and the weekly CPU benchmark deployment on the same store).
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ def _env(tmp: Path, api: str) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
 
 
-def _run_deployment(env: dict[str, str], *params: str) -> str:
-    """`prefect deployment run dflash-pipeline/pipeline --param ...`: the new flow run's id."""
-    cmd = [PREFECT, "deployment", "run", "dflash-pipeline/pipeline"]
+def _run_deployment(env: dict[str, str], *params: str,
+                    name: str = "dflash-pipeline/pipeline") -> str:
+    """`prefect deployment run <name> --param ...`: the new flow run's id."""
+    cmd = [PREFECT, "deployment", "run", name]
     for p in params:
         cmd += ["--param", p]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -118,8 +119,10 @@ def deployed(prefect_server: str, resumed_run: dict, tmp_path_factory: pytest.Te
         states = asyncio.run(_wait(api, [run1, bad]))
         run2 = _run_deployment(env, ci, f"store={store}")
         states.update(asyncio.run(_wait(api, [run2])))
+        bench = _run_deployment(env, ci, f"store={store}", name="dflash-benchmark-latest/bench-cpu")
+        states.update(asyncio.run(_wait(api, [bench])))
         yield {"make": (first, again), "api": api, "store": str(store), "runs": states,
-               "ids": {"first": run1, "bad": bad, "second": run2}, "worker_log": tmp / "worker.log"}
+               "ids": {"first": run1, "bad": bad, "second": run2, "bench": bench}, "worker_log": tmp / "worker.log"}
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=60)
@@ -178,6 +181,20 @@ def test_second_deployment_run_is_cached(deployed: dict) -> None:
         assert states[stage] == "Cached", states
 
 
+def test_benchmark_deployment_benchmarks_the_latest_draft_as_a_task(deployed: dict) -> None:
+    """bench-cpu with its config overridden: a benchmark task (not Cached: rerun), its table."""
+    run = deployed["runs"][deployed["ids"]["bench"]]
+    assert run.state.type.value == "COMPLETED", run.state
+    assert run.parameters["rerun"] is True  # the deployment's own parameter, kept
+    details = asyncio.run(_details(deployed["api"], str(run.id)))
+    states = {t.name.rsplit("-", 1)[0]: t.state.name for t in details["tasks"]}
+    assert states["benchmark"] == "Completed" and states["report"] == "Completed", states
+    assert any(k.startswith("bench-") and k.endswith("-ci") for k in details["artifacts"])
+    con = connect(Store(deployed["store"]))
+    assert con.execute("select distinct deployment from benchmarks where flow_run_id = ?",
+                       [str(run.id)]).fetchall() == [("bench-cpu",)]
+
+
 def test_bad_input_ends_failed_with_the_one_line_reason(deployed: dict) -> None:
     run = deployed["runs"][deployed["ids"]["bad"]]
     assert run.state.type.value == "FAILED", run.state
@@ -190,3 +207,23 @@ def test_tasks_do_not_import_prefect() -> None:
     offenders = [p.name for p in (REPO / "tasks").glob("*.py")
                  if re.search(r"^\s*(from|import) prefect", p.read_text(), re.M)]
     assert offenders == []
+
+
+def test_retries_only_transient_failures() -> None:
+    """Storage/network failures retry with backoff; a bad config never does."""
+    import httpx
+    from prefect.states import Failed
+
+    from flows.pipeline import _transient, cached_stage, commit_task, shard_task
+    from storage.errors import ConfigError, SchemaError, StoreError
+
+    assert all(t.retries == 2 for t in (cached_stage, shard_task, commit_task))
+    assert cached_stage.retry_delay_seconds == [10, 20]
+
+    def retried(exc: BaseException) -> bool:
+        return _transient(None, None, Failed(message=str(exc), data=exc))
+
+    assert retried(StoreError("s3://b/x: connection reset")) and retried(ConnectionError("reset"))
+    assert retried(httpx.ConnectError("refused"))
+    assert not retried(ConfigError("config x: key 'a': bad")) and not retried(SchemaError("s"))
+    assert not retried(ValueError("a bug"))
