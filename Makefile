@@ -9,7 +9,7 @@ CONFIG  ?= configs/default.yaml
 REFERENCE := $(VENV)/reference
 REFERENCE_PKG := dflash==0.1.0
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean deploy
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml requirements-cpu.txt requirements-assets.txt Makefile
 
 run: install
 	$(BIN)/dflash run --config $(CONFIG)
+
+# Needs PREFECT_API_URL (README, "Scheduled deployments"); NOTIFY=<webhook url> adds a failure alert.
+deploy: install
+	$(BIN)/python -m flows.deploy $(if $(NOTIFY),--notify '$(NOTIFY)')
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -40,7 +40,9 @@ class RunnerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     dask_address: str | None = Field(None, description="tcp://host:8786 of a Dask scheduler")
-    max_workers: int = Field(1, ge=1, description="thread workers for shard tasks")
+    max_workers: int | None = Field(
+        None, ge=1, description="thread workers for shard tasks; None: as many shards as the "
+        "generate section keeps in flight (1 for hf, enough to fill every server for openai)")
 
 
 class PipelineConfig(BaseModel):
@@ -60,6 +62,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 ) -> PipelineConfig:
     """Read and validate a YAML config; ``overrides`` are dotted keys (``generate.seed``)."""
     p = Path(path) if path else DEFAULT_CONFIG
+    if not p.is_file() and not p.is_absolute() and (REPO / p).is_file():
+        p = REPO / p  # repo-relative, as deployments name them, from any working directory
     if not p.is_file():
         raise ConfigError(f"config {p}: file not found; pass --config PATH "
                           f"(examples in {REPO / 'configs'})")

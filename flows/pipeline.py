@@ -1,4 +1,4 @@
-"""The ``dflash-pipeline`` Prefect flow: it only wires the stages of ``tasks/`` together.
+"""The ``dflash-pipeline`` Prefect flows: one generic stage task driven by ``flows.stages.PIPELINE``.
 
 Every stage is a Prefect task whose cache key is derived from the stage's config section and its
 upstream manifests' digests (plus the code fingerprint), and whose result is the small manifest
@@ -6,35 +6,48 @@ ref ``{stage, key, digest, uri}``, never data. A Prefect cache hit is re-checked
 (an output removed by ``dflash gc`` or ``--force`` is rebuilt). Without a Prefect cache (a new
 machine, a new Prefect home) the stage function itself finds the committed manifest and returns
 without loading a model, so the store is the single source of truth.
+
+Flow parameters are flat and typed (the Prefect UI's Run form shows them; stage names are a
+``Literal`` so the form offers choices). Bad input ends the run Failed with the one-line reason as
+its state message. Generation shards fan out on the task runner the config's ``runner`` section
+names, for CLI and deployment runs alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any, Literal, get_args
 
-from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import flow, task, unmapped
 from prefect.cache_policies import NONE as NO_CACHE
+from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, Field
 
-from flows.config import DOWNSTREAM, STAGES, PipelineConfig, load_config
+from flows import hooks
+from flows.config import DOWNSTREAM, STAGES, PipelineConfig, RunnerConfig, load_config
+from flows.stages import BY_NAME, PIPELINE, Stage, StageContext
 from storage import Manifest, Store, read_manifest
-from storage.errors import DflashError
-from storage.hardware import hardware_fingerprint, hardware_tag, slug
+from storage.errors import ConfigError, DflashError, SchemaError, StoreError
+from storage.hardware import hardware_fingerprint
 from storage.keys import digest
 from tasks.base import stage_code
 
 log = logging.getLogger("dflash")
-STAGE_MODULES = {"target": "models", "prompts": "prompts", "generate": "generate",
-                 "filter": "filter", "train": "train", "benchmark": "benchmark"}
+hooks.install()
+
+StageName = Literal["target", "prompts", "generate", "filter", "train", "benchmark", "report"]
+assert get_args(StageName) == STAGES == tuple(s.name for s in PIPELINE)
 
 
 class RunOptions(BaseModel):
-    """Flow parameters (the Prefect UI shows them as a form)."""
+    """The flows' parameters as one object (the CLI builds it; ``resolve`` checks it)."""
 
     config_path: str = Field("configs/default.yaml", description="pipeline YAML, repo-relative")
     store: str | None = Field(None, description="store URL; default: config, $DFLASH_STORE, ./dflash-store")
@@ -72,194 +85,182 @@ def load_ref(store: Store, ref: dict[str, str]) -> Manifest:
     return m
 
 
+def prefect_key(st: Stage, section: Any, refs: dict[str, dict[str, str]], rerun: bool) -> str:
+    """Prefect's cache key: the stage, its config, its inputs' digests and its code (and this
+    machine's hardware for a benchmark; a rerun benchmark gets a fresh key, so it always runs)."""
+    code = stage_code(st.code_module) if st.code_module else ""
+    inputs = {k: r["digest"] for k, r in refs.items()}
+    extra = hardware_fingerprint() if st.per_hardware else None
+    key = f"{st.name}-" + digest([st.name, section, inputs, code, extra])[:24]
+    return key + ("-rerun-" + os.urandom(4).hex() if rerun and st.per_hardware else "")
+
+
+def _transient(task: Any, task_run: Any, state: State) -> bool:
+    """Retry storage and network failures; never a deterministic one (bad config, bad data)."""
+    import httpx
+
+    try:
+        state.result()
+    except (ConfigError, SchemaError):
+        return False
+    except (StoreError, OSError, httpx.TransportError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
 def _cache_key(ctx: Any, params: dict[str, Any]) -> str:
     return params["cache_key"]
 
 
-def prefect_key(stage: str, section: Any, refs: dict[str, dict[str, str]], extra: Any = None) -> str:
-    """Prefect's cache key: the stage, its config, its inputs' digests and its code."""
-    code = stage_code(STAGE_MODULES[stage]) if stage in STAGE_MODULES else ""
-    inputs = {k: r["digest"] for k, r in refs.items()}
-    return f"{stage}-" + digest([stage, section, inputs, code, extra])[:24]
+_RETRY = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10),
+              retry_condition_fn=_transient)
 
 
-def run_cached(t: Any, stage: str, force: set[str], store: Store, **params: Any) -> dict[str, str]:
-    """Call a stage task through Prefect's cache, rebuilding if the store lost its output."""
-    refresh = stage in force
-    ref = t.with_options(refresh_cache=refresh)(force=refresh, **params)
-    if not refresh and read_manifest(store, ref["stage"], ref["key"]) is None:
-        ref = t.with_options(refresh_cache=True)(force=False, **params)
+# ----------------------------------------------------------------------------- the stage tasks
+def _execute(stage: str, store_url: str, section: dict, refs: dict[str, dict[str, str]],
+             ctx: dict[str, Any]) -> dict:
+    store, c = Store(store_url), StageContext(**ctx)
+    with hooks.scoped(c.scope):
+        return BY_NAME[stage].run(store, section, {k: load_ref(store, r) for k, r in refs.items()}, c)
+
+
+@task(name="stage", persist_result=True, result_serializer="json", cache_key_fn=_cache_key, **_RETRY)
+def cached_stage(cache_key: str, stage: str, store_url: str, section: dict,
+                 refs: dict[str, dict[str, str]], ctx: dict[str, Any]) -> dict:
+    """A stage whose result Prefect caches by ``cache_key`` (the UI shows it as Cached)."""
+    return _execute(stage, store_url, section, refs, ctx)
+
+
+@task(name="stage", cache_policy=NO_CACHE, **_RETRY)
+def uncached_stage(stage: str, store_url: str, section: dict, refs: dict[str, dict[str, str]],
+                   ctx: dict[str, Any]) -> dict:
+    return _execute(stage, store_url, section, refs, ctx)
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan_task(stage: str, store_url: str, section: dict, refs: dict[str, dict[str, str]],
+              force: bool = False) -> Any:
+    store = Store(store_url)
+    inputs = {k: load_ref(store, r) for k, r in refs.items()}
+    return BY_NAME[stage].fan_out.plan(store, section, inputs, force)
+
+
+@task(name="shard", cache_policy=NO_CACHE, **_RETRY)
+def shard_task(stage: str, store_url: str, plan: Any, shard_index: int) -> dict:
+    return BY_NAME[stage].fan_out.shard(Store(store_url), plan, shard_index)
+
+
+@task(name="commit", cache_policy=NO_CACHE, **_RETRY)
+def commit_task(stage: str, store_url: str, plan: Any) -> dict:
+    store = Store(store_url)
+    return BY_NAME[stage].fan_out.commit(store, plan).ref(store)
+
+
+@contextlib.contextmanager
+def task_runner(cfg: RunnerConfig, workers: int = 1) -> Iterator[Any]:
+    """The config's runner for fan-out: a Dask cluster when an address is set, else threads
+    (``runner.max_workers``, or the ``workers`` the stage needs when that is unset)."""
+    if cfg.dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        runner: Any = DaskTaskRunner(address=cfg.dask_address)
+    else:
+        runner = ThreadPoolTaskRunner(max_workers=cfg.max_workers or workers)
+    with runner:
+        yield runner
+
+
+def run_stage(st: Stage, cfg: PipelineConfig, store: Store, refs: dict[str, dict[str, str]],
+              options: RunOptions) -> dict:
+    """One row of the table: through Prefect's cache, rebuilt if the store lost its output."""
+    sec = getattr(cfg, st.name, None)
+    section = sec.model_dump(mode="json") if sec is not None else {}
+    # what the output depends on: a section may leave out how it runs (train: world size)
+    key_section = sec.key_config() if hasattr(sec, "key_config") else section
+    force = st.name in forced(options)
+    ctx = StageContext(force=force, rerun=options.rerun, scope=cfg.name)
+    if st.fan_out is not None:
+        return _fan_out(st, cfg, store, section, refs, ctx)
+    params = dict(stage=st.name, store_url=store.url, section=section, refs=refs, ctx=asdict(ctx))
+    if st.code_module is None:
+        return uncached_stage.with_options(name=st.task_name)(**params)
+    key = prefect_key(st, key_section, refs, options.rerun)
+    ref = cached_stage.with_options(name=st.task_name, refresh_cache=force)(cache_key=key, **params)
+    if not force and read_manifest(store, ref["stage"], ref["key"]) is None:
+        params["ctx"] = asdict(StageContext(force=False, rerun=options.rerun, scope=cfg.name))
+        ref = cached_stage.with_options(name=st.task_name, refresh_cache=True)(cache_key=key,
+                                                                               **params)
     return ref
 
 
-_TASK = dict(persist_result=True, result_serializer="json", cache_key_fn=_cache_key)
+def _fan_out(st: Stage, cfg: PipelineConfig, store: Store, section: dict,
+             refs: dict[str, dict[str, str]], ctx: StageContext) -> dict:
+    """plan -> one task per pending shard on the config's runner -> commit."""
+    name = st.task_name
+    plan = plan_task.with_options(name=f"{name}-plan")(st.name, store.url, section, refs,
+                                                       force=ctx.force)
+    if plan.committed is not None:
+        return plan.committed
+    log.info("%s: %d shard(s), %d already done", st.name, len(plan.shards), len(plan.done))
+    with task_runner(cfg.runner, st.fan_out.workers(section)) as runner:
+        futures = runner.map(shard_task.with_options(name=f"{name}-shard"),
+                             {"stage": unmapped(st.name), "store_url": unmapped(store.url),
+                              "plan": unmapped(plan), "shard_index": plan.pending()})
+        futures.wait()
+        for f in futures:
+            f.result()  # raise the first shard failure
+    return commit_task.with_options(name=f"{name}-commit")(st.name, store.url, plan)
 
 
-# ----------------------------------------------------------------------------- tasks
-@task(name="prepare-target", **_TASK)
-def prepare_target(cache_key: str, store_url: str, cfg: dict, force: bool = False) -> dict:
-    from tasks.models import TargetConfig, run_prepare_target
-
-    store = Store(store_url)
-    return run_prepare_target(store, TargetConfig(**cfg), force=force).ref(store)
-
-
-@task(name="prompts", **_TASK)
-def build_prompts(cache_key: str, store_url: str, cfg: dict, target: dict,
-                  force: bool = False) -> dict:
-    from tasks.prompts import PromptsConfig, run_prompts
-
-    store = Store(store_url)
-    m = run_prompts(store, PromptsConfig(**cfg), load_ref(store, target), force=force)
-    return m.ref(store)
-
-
-@task(name="generate-plan", cache_policy=NO_CACHE)
-def plan_generation(store_url: str, cfg: dict, target: dict, prompts: dict,
-                    force: bool = False) -> Any:
-    from tasks.generate import GenerateConfig
-    from tasks.generate import plan_generation as plan
-
-    store = Store(store_url)
-    return plan(store, GenerateConfig(**cfg), load_ref(store, target), load_ref(store, prompts),
-                force=force)
-
-
-@task(name="generate-shard", cache_policy=NO_CACHE, retries=1)
-def generate_shard(store_url: str, plan: Any, shard_index: int) -> dict:
-    from tasks.generate import generate_shard as gen
-
-    return gen(Store(store_url), plan, shard_index)
-
-
-@task(name="generate-commit", cache_policy=NO_CACHE)
-def commit_generation(store_url: str, plan: Any) -> dict:
-    from tasks.generate import commit_generation as commit
-
-    store = Store(store_url)
-    return commit(store, plan).ref(store)
-
-
-@task(name="filter", **_TASK)
-def filter_data(cache_key: str, store_url: str, cfg: dict, generations: dict,
-                force: bool = False) -> dict:
-    from tasks.filter import FilterConfig, filter_stats_rows, run_filter
-    from tasks.prompts import contamination_prompts
-
-    store = Store(store_url)
-    fcfg = FilterConfig(**cfg)
-    m = run_filter(store, fcfg, load_ref(store, generations),
-                   benchmark_prompts=contamination_prompts(fcfg), force=force)
-    _table_artifact("filter-stats", filter_stats_rows(store, m), "Rows removed by each rule, in order")
-    return m.ref(store)
-
-
-@task(name="train", **_TASK)
-def train_draft(cache_key: str, store_url: str, cfg: dict, target: dict, filtered: dict,
-                force: bool = False) -> dict:
-    from tasks.train import TrainConfig, run_train
-
-    store = Store(store_url)
-    m = run_train(store, TrainConfig(**cfg), load_ref(store, target), load_ref(store, filtered),
-                  force=force)
-    return m.ref(store)
-
-
-@task(name="benchmark", **_TASK)
-def benchmark(cache_key: str, store_url: str, cfg: dict, target: dict, trained: dict | None,
-              filtered: dict | None, rerun: bool = False, force: bool = False) -> dict:
-    from tasks.benchmark import BenchConfig, bench_table_rows, run_benchmark
-
-    store = Store(store_url)
-    result = run_benchmark(store, BenchConfig(**cfg), load_ref(store, target),
-                           load_ref(store, trained) if trained else None,
-                           load_ref(store, filtered) if filtered else None,
-                           rerun=rerun or force)
-    tgt = load_ref(store, target).config.get("ref", "target")
-    _table_artifact(f"bench-{hardware_tag()}-{slug(str(tgt))}", bench_table_rows(store, result),
-                    "Benchmark: tau, speedup and exact match per method and dataset")
-    return result["ref"]
-
-
-@task(name="report", cache_policy=NO_CACHE)
-def report(store_url: str) -> dict:
-    from reports.report import build_report
-
-    store = Store(store_url)
-    out = build_report(store)
-    try:
-        create_markdown_artifact(key="dflash-report", markdown=out["summary_markdown"],
-                                 description="DFlash report")
-    except Exception as e:  # an artifact is a view, never a reason to fail the run
-        log.warning("cannot create the report artifact: %s", e)
-    return {"uri": out["uri"]}
-
-
-def _table_artifact(key: str, rows: list[dict[str, Any]], description: str) -> None:
-    try:
-        create_table_artifact(key=slug(key), table=rows, description=description)
-    except Exception as e:
-        log.warning("cannot create table artifact %s: %s", key, e)
+def _failed(e: DflashError) -> State:
+    """The run ends Failed with the one-line reason as its message (shown in the UI)."""
+    log.error("%s", e)
+    return Failed(message=str(e), data=e)
 
 
 # ----------------------------------------------------------------------------- flows
 @flow(name="dflash-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def dflash_pipeline(options: RunOptions = RunOptions()) -> dict[str, Any]:  # noqa: B008
-    """Prepare target, prompts, generate, filter, train, benchmark, report; each stage cached."""
-    cfg, store = resolve(options)
-    force, url, out = forced(options), store.url, {}
-    logger = get_run_logger()
-    stop = STAGES.index(options.until)
+def dflash_pipeline(config_path: str = "configs/default.yaml", store: str | None = None,
+                    prompts: str | None = None, force: list[StageName] | None = None,
+                    rerun: bool = False, until: StageName = "report") -> Any:
+    """Prepare target, prompts, generate, filter, train, benchmark, report; each stage cached.
 
-    sec = cfg.target.model_dump(mode="json")
-    out["target"] = run_cached(prepare_target, "target", force, store, store_url=url, cfg=sec,
-                               cache_key=prefect_key("target", sec, {}))
-    if stop >= 1:
-        sec, refs = cfg.prompts.model_dump(mode="json"), {"target": out["target"]}
-        out["prompts"] = run_cached(build_prompts, "prompts", force, store, store_url=url, cfg=sec,
-                                    target=out["target"], cache_key=prefect_key("prompts", sec, refs))
-    if stop >= 2:
-        sec = cfg.generate.model_dump(mode="json")
-        plan = plan_generation(url, sec, out["target"], out["prompts"], force="generate" in force)
-        if plan.committed is not None:
-            out["generate"] = plan.committed
-        else:
-            logger.info("generating %d shard(s), %d already done", len(plan.shards), len(plan.done))
-            futures = generate_shard.map(unmapped(url), unmapped(plan), plan.pending())
-            futures.wait()
-            for f in futures:
-                f.result()  # raise the first shard failure
-            out["generate"] = commit_generation(url, plan)
-    if stop >= 3:
-        sec, refs = cfg.filter.model_dump(mode="json"), {"generations": out["generate"]}
-        out["filter"] = run_cached(filter_data, "filter", force, store, store_url=url, cfg=sec,
-                                   generations=out["generate"],
-                                   cache_key=prefect_key("filter", sec, refs))
-    if stop >= 4:
-        sec = cfg.train.model_dump(mode="json")
-        refs = {"target": out["target"], "filter": out["filter"]}
-        out["train"] = run_cached(train_draft, "train", force, store, store_url=url, cfg=sec,
-                                  target=out["target"], filtered=out["filter"],
-                                  cache_key=prefect_key("train", cfg.train.key_config(), refs))
-    if stop >= 5:
-        sec = cfg.benchmark.model_dump(mode="json")
-        refs = {"target": out["target"], "train": out["train"], "filter": out["filter"]}
-        key = prefect_key("benchmark", sec, refs, extra=hardware_fingerprint())
-        out["benchmark"] = run_cached(
-            benchmark, "benchmark", force, store, store_url=url, cfg=sec, target=out["target"],
-            trained=out["train"], filtered=out["filter"], rerun=options.rerun,
-            cache_key=key + ("-rerun-" + os.urandom(4).hex() if options.rerun else ""))
-    if stop >= 6:
-        out["report"] = report(url)
-    return out
+    ``config_path``: pipeline YAML (relative to the checkout); ``store``: store URL (default: the
+    config's, $DFLASH_STORE, ./dflash-store); ``prompts``: prompt file/folder overriding the
+    config; ``force``: stages to rebuild (with what depends on them); ``rerun``: benchmark again
+    even if this hardware has a result; ``until``: the last stage to run."""
+    options = RunOptions(config_path=config_path, store=store, prompts=prompts,
+                         force=list(force or []), rerun=rerun, until=until)
+    try:
+        cfg, st = resolve(options)
+        out: dict[str, Any] = {}
+        for stage in PIPELINE[: STAGES.index(options.until) + 1]:
+            out[stage.name] = run_stage(stage, cfg, st, {k: out[k] for k in stage.inputs}, options)
+        return out
+    except DflashError as e:
+        return _failed(e)
 
 
 @flow(name="dflash-benchmark-latest")
-def benchmark_latest(options: RunOptions = RunOptions(rerun=True)) -> dict[str, Any]:  # noqa: B008
-    """Benchmark the latest committed draft in the store on this worker's hardware (always appends)."""
-    from tasks.benchmark import BenchConfig, run_benchmark
+def benchmark_latest(config_path: str = "configs/default.yaml", store: str | None = None,
+                     rerun: bool = True) -> Any:
+    """Benchmark the latest committed draft in the store on this worker's hardware (``rerun``:
+    always measure and append), then rebuild the report."""
+    options = RunOptions(config_path=config_path, store=store, rerun=rerun, until="benchmark")
+    try:
+        cfg, st = resolve(options)
+        refs = latest_draft_refs(st)
+        out = {"benchmark": run_stage(BY_NAME["benchmark"], cfg, st, refs, options)}
+        out["report"] = run_stage(BY_NAME["report"], cfg, st, {"train": refs["train"]}, options)
+        return out
+    except DflashError as e:
+        return _failed(e)
 
-    cfg, store = resolve(options)
+
+def latest_draft_refs(store: Store) -> dict[str, dict[str, str]]:
+    """Refs of the newest committed draft and the target and filter outputs it was trained on."""
     trained = _committed(store, "train")
     if not trained:
         raise DflashError(f"store {store.url}: no committed draft (train output) to benchmark; "
@@ -269,9 +270,10 @@ def benchmark_latest(options: RunOptions = RunOptions(rerun=True)) -> dict[str, 
     filtered = _by_digest(store, "filter", set(latest.inputs.values()))
     if target is None:
         raise DflashError(f"store {store.url}: the target of draft {latest.key} is not in the store")
-    result = run_benchmark(store, BenchConfig(**cfg.benchmark.model_dump()), target, latest,
-                           filtered, rerun=True)
-    return {"benchmark": result["ref"], "report": report(store.url)}
+    refs = {"target": target.ref(store), "train": latest.ref(store)}
+    if filtered is not None:
+        refs["filter"] = filtered.ref(store)
+    return refs
 
 
 def _committed(store: Store, stage: str) -> list[Manifest]:
@@ -308,17 +310,9 @@ def run_from_cli(command: str, args: argparse.Namespace) -> None:
         _, store = resolve(options)
         print(build_report(store)["uri"])
         return
-    cfg, _ = resolve(options)  # fail fast, one line, before Prefect starts
+    resolve(options)  # fail fast, one line, before Prefect starts
     _quiet_prefect(args.debug)
-    flow_fn = dflash_pipeline
-    if cfg.runner.dask_address:
-        from prefect_dask import DaskTaskRunner
-
-        flow_fn = flow_fn.with_options(task_runner=DaskTaskRunner(address=cfg.runner.dask_address))
-    elif cfg.runner.max_workers > 1:
-        flow_fn = flow_fn.with_options(
-            task_runner=ThreadPoolTaskRunner(max_workers=cfg.runner.max_workers))
-    state = flow_fn(options=options, return_state=True)
+    state = dflash_pipeline(**options.model_dump(), return_state=True)
     if state.is_failed():
         try:
             state.result()

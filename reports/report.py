@@ -421,7 +421,8 @@ def _summary_section(d: Data, bullets: list[str]) -> Section:
     if d.run:
         r0 = d.run[0]
         s.p(f"Run {d.run_id} on {r0['hw']}: target {r0.get('target') or '?'}, draft "
-            f"{str(r0.get('draft_digest') or '?')[:12]}, {len(d.run)} result rows.")
+            f"{str(r0.get('dflash_digest') or r0.get('draft_digest') or 'none')[:12]}, "
+            f"{len(d.run)} result rows.")
         s.table(["method", "dataset", "tau", "speedup", "tokens/s", "exact match"],
                 [[variant(r), r.get("dataset"), num(r.get("tau")), num(r.get("speedup")),
                   num(r.get("tokens_per_s")), _pct(r.get("exact_match_rate"))]

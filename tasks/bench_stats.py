@@ -37,6 +37,8 @@ _IDS = [("hardware_fingerprint", pa.string()), ("hardware_tag", pa.string()),
         ("draft_digest", pa.string())]
 _KEYS = [("run_id", pa.string()), ("created_at", pa.timestamp("us", tz="UTC")),
          ("method", pa.string()), ("dataset", pa.string())]
+# Which orchestrator run made the row (NULL outside a deployment / flow run).
+RUN_COLUMNS = [("flow_run_id", pa.string()), ("deployment", pa.string())]
 F64, I32, I64 = pa.float64(), pa.int32(), pa.int64()
 
 SUMMARY_SCHEMA = pa.schema(_KEYS + [
@@ -52,7 +54,7 @@ SUMMARY_SCHEMA = pa.schema(_KEYS + [
     ("dflash_digest", pa.string()),
     ("classic_digest", pa.string()),
     ("draft_vocab", I32),  # dflash rows: K of a reduced draft vocabulary; NULL = full vocabulary
-] + _IDS + HW_COLUMNS)
+] + _IDS + HW_COLUMNS + RUN_COLUMNS)
 
 SAMPLES_SCHEMA = pa.schema(_KEYS + [
     ("prompt_id", pa.string()), ("prompt_tokens", I32), ("temperature", F64),
@@ -62,7 +64,7 @@ SAMPLES_SCHEMA = pa.schema(_KEYS + [
     ("ttft_s", F64), ("total_s", F64), ("tpot_s", F64), ("exact_match", pa.bool_()),
     ("first_divergence", I32), ("divergence_margin", F64), ("divergence_ref_token", I64),
     ("divergence_token", I64), ("divergence_suspect", pa.bool_()), ("draft_vocab", I32),
-] + _IDS)
+] + _IDS + RUN_COLUMNS)
 
 
 @dataclass

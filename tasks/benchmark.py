@@ -41,7 +41,7 @@ from tasks.bench_stats import (
     sample_row,
     summary_rows,
 )
-from tasks.progress import Progress
+from tasks.progress import Progress, run_hooks
 
 log = logging.getLogger("dflash")
 
@@ -431,6 +431,8 @@ def _write(store: Store, cfg: BenchConfig, runs: list[Run], tgt: TargetSource,
     draft_cols = {"dflash": drafts.get("dflash"), "classic": drafts.get("classic")}
     samples = [sample_row(r, common, draft_cols) for r in runs]
     rows = summary_rows(runs, cfg, common, draft_cols, info)
+    labels = run_hooks().labels()  # flow_run_id, deployment: NULL outside an orchestrated run
+    samples, rows = [{**r, **labels} for r in samples], [{**r, **labels} for r in rows]
     part = f"hw={tag}/date={now:%Y-%m-%d}/run-{run_id}.parquet"
     paths = {}
     for folder, table_rows, schema in ((SAMPLES_DIR, samples, SAMPLES_SCHEMA),

@@ -1,7 +1,9 @@
-"""Progress for long loops: a terminal bar, throttled log lines, and a Prefect progress artifact.
+"""Progress for long loops: a terminal bar, throttled log lines, and an orchestrator's progress view.
 
-Inside a Prefect run the bar is replaced by the artifact (users complain that bars flood Prefect
-logs); outside, a rich bar on stderr. Log lines are throttled to one per ``log_every_s``.
+``tasks/`` never imports Prefect: the orchestrator (``flows/``) installs ``RunHooks`` with
+``set_run_hooks``. Inside a run the bar is replaced by the hooks' progress artifact (users complain
+that bars flood run logs); outside, a rich bar on stderr. Log lines are throttled to one per
+``log_every_s``. The hooks also give the run's identity (``labels``) for the benchmark history.
 """
 
 from __future__ import annotations
@@ -14,15 +16,37 @@ from typing import Any
 log = logging.getLogger("dflash")
 
 
-def _in_prefect_run() -> bool:
-    if "prefect" not in sys.modules:  # a run has imported it; a torchrun rank never pays ~1.3 s
-        return False
-    try:
-        from prefect.context import FlowRunContext, TaskRunContext
+class RunHooks:
+    """What a stage may ask of the orchestrator running it. The defaults: no orchestrator."""
 
-        return FlowRunContext.get() is not None or TaskRunContext.get() is not None
-    except ImportError:
+    def in_run(self) -> bool:
         return False
+
+    def progress_start(self, key: str | None, description: str) -> Any:
+        """A handle for ``progress_update``, or None when there is nothing to show."""
+        return None
+
+    def progress_update(self, handle: Any, percent: float, description: str) -> None:
+        return None
+
+    def table(self, key: str, rows: list[dict[str, Any]], description: str) -> None:
+        return None
+
+    def labels(self) -> dict[str, str | None]:
+        """The run's identity recorded next to results (``flow_run_id``, ``deployment``)."""
+        return {"flow_run_id": None, "deployment": None}
+
+
+_hooks = RunHooks()
+
+
+def set_run_hooks(hooks: RunHooks) -> None:
+    global _hooks
+    _hooks = hooks
+
+
+def run_hooks() -> RunHooks:
+    return _hooks
 
 
 class Progress:
@@ -44,7 +68,7 @@ class Progress:
     def __enter__(self) -> Progress:
         if not self.enabled:
             return self
-        if _in_prefect_run():
+        if _hooks.in_run():
             self._start_artifact()
         elif sys.stderr.isatty():
             from rich.progress import (
@@ -102,12 +126,10 @@ class Progress:
 
     def _start_artifact(self) -> None:
         try:
-            from prefect.artifacts import create_progress_artifact
-
-            self._artifact_id = create_progress_artifact(
-                0.0, key=self.artifact_key, description=f"{self.name}: {self.status()}")
+            self._artifact_id = _hooks.progress_start(self.artifact_key,
+                                                      f"{self.name}: {self.status()}")
         except Exception as e:  # progress display must never fail a stage
-            log.warning("%s: cannot create Prefect progress artifact (%s)", self.name, e)
+            log.warning("%s: cannot create the progress artifact (%s)", self.name, e)
 
     def _update_artifact(self, force: bool = False) -> None:
         if self._artifact_id is None:
@@ -117,10 +139,8 @@ class Progress:
             return
         self._last_artifact = now
         try:
-            from prefect.artifacts import update_progress_artifact
-
             pct = 100.0 * self.done / self.total if self.total else 100.0
-            update_progress_artifact(self._artifact_id, min(pct, 100.0),
-                                     description=f"{self.name}: {self.status()}")
+            _hooks.progress_update(self._artifact_id, min(pct, 100.0),
+                                   f"{self.name}: {self.status()}")
         except Exception as e:
-            log.warning("%s: cannot update Prefect progress artifact (%s)", self.name, e)
+            log.warning("%s: cannot update the progress artifact (%s)", self.name, e)
