@@ -1,26 +1,24 @@
-"""Store integrity under concurrency, kills and corruption (issue 21), on moto's S3 behind a
-loopback proxy that answers 10% of requests with 503 SlowDown.
+"""Store integrity under concurrency, kills and corruption (issue 21).
 
-One module-scoped store holds two concurrent runs of the ci pipeline (the stage functions in the
-flow's order, generation through the mapped-shard API); the other tests damage it one way at a
-time, check the reader's one-line error and ``dflash verify``, and put it back.
+One module-scoped local store holds two concurrent runs of the ci pipeline (the stage functions
+in the flow's order, generation through the mapped-shard API); the other tests damage it one way
+at a time, check the reader's one-line error and ``dflash verify``, and put it back. The ci run
+on S3 with 10% of requests failing (503) is the end-to-end run of tests/test_pipeline.py, which
+goes through the same fault proxy (tests/s3_faults.py) and ends with ``dflash verify``.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
-import random
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from s3_faults import FaultProxy
 
 from flows.cli import main
 from storage import Store, history
@@ -30,79 +28,6 @@ from storage.gc import collect
 from storage.manifest import list_outputs, read_manifest
 
 CI = Path(__file__).resolve().parent.parent / "configs" / "ci.yaml"
-
-
-# ------------------------------------------------------------------------ the faulty S3
-class FaultProxy:
-    """Forwards HTTP to moto; answers a seeded fraction of requests with 503 SlowDown instead."""
-
-    def __init__(self, upstream: str, rate: float, seed: int = 0) -> None:
-        host, port = upstream.rsplit("//", 1)[1].split(":")
-        self.upstream, self.rate = (host, int(port)), rate
-        self.rng, self.lock = random.Random(seed), threading.Lock()
-        self.requests = self.faults = 0
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-            def _any(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with proxy.lock:
-                    proxy.requests += 1
-                    fail = proxy.rng.random() < proxy.rate
-                    proxy.faults += fail
-                if fail:
-                    err = b"" if self.command == "HEAD" else (
-                        b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
-                        b"<Message>Please reduce your request rate.</Message></Error>")
-                    self.send_response(503)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(err)))
-                    self.end_headers()
-                    self.wfile.write(err)
-                    return
-                conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
-                conn.request(self.command, self.path, body=body or None, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length",
-                                         "date", "server"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
-    """Every S3 client of this module (and its subprocesses) goes through the 10% proxy."""
-    import os
-
-    p = FaultProxy(s3_endpoint, rate=0.10)
-    os.environ["AWS_ENDPOINT_URL"] = p.url
-    yield p
-    os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
-    p.close()
 
 
 # ------------------------------------------------------------------------ two concurrent runs
@@ -135,12 +60,9 @@ def _pipeline(url: str, hook: Any = None) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def runs(proxy: FaultProxy, one_thread_module: None, smollm2_dir: Path) -> dict[str, Any]:
-    import boto3
-
-    bucket = f"integrity-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=proxy.url).create_bucket(Bucket=bucket)
-    url = f"s3://{bucket}/ci"
+def runs(tmp_path_factory: pytest.TempPathFactory, one_thread_module: None,
+         smollm2_dir: Path) -> dict[str, Any]:
+    url = str(tmp_path_factory.mktemp("integrity") / "store")
     out: dict[str, Any] = {"url": url}
     errors: list[BaseException] = []
 
@@ -169,7 +91,7 @@ def runs(proxy: FaultProxy, one_thread_module: None, smollm2_dir: Path) -> dict[
     return out
 
 
-def test_two_concurrent_runs_share_one_output(runs: dict[str, Any], proxy: FaultProxy) -> None:
+def test_two_concurrent_runs_share_one_output(runs: dict[str, Any]) -> None:
     store = Store(runs["url"])
     assert runs["a"]["digests"] == runs["b"]["digests"]  # the same committed outputs
     gens = [o for o in list_outputs(store, "generations")]
@@ -182,7 +104,6 @@ def test_two_concurrent_runs_share_one_output(runs: dict[str, Any], proxy: Fault
     assert len(committed) == 1 and not bad and not history.leftovers(store)
     assert sorted(r["bench"].get("skipped", False) for r in (runs["a"], runs["b"])) == [False, True]
     assert runs["a"]["bench"]["run_id"] == runs["b"]["bench"]["run_id"]
-    assert proxy.faults > 0  # the 503s happened, and were survived
 
 
 def test_gc_during_live_generation_removes_nothing(runs: dict[str, Any]) -> None:
@@ -216,11 +137,18 @@ def _damaged(store: Store, rel: str, data: bytes) -> Any:
     return ctx()
 
 
+def _verdicts(err: str, command: str) -> list[str]:
+    """The CLI's own error lines (stderr also carries library logs): exactly one."""
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"dflash {command}:")]
+    assert len(lines) == 1, err[-2000:]
+    return lines
+
+
 def _verify_names(url: str, name: str, capsys: pytest.CaptureFixture[str]) -> str:
     assert main(["verify", "--store", url]) == 2
     cap = capsys.readouterr()
-    assert name in cap.out and "Traceback" not in cap.out + cap.err
-    assert len(cap.err.strip().splitlines()) == 1  # the one-line verdict
+    assert name in cap.out and "Traceback" not in cap.out
+    assert "Traceback" not in _verdicts(cap.err, "verify")[0]
     return cap.out
 
 
@@ -267,7 +195,8 @@ def test_manifest_with_wrong_sha256_and_rows(runs: dict[str, Any],
             check_generation_shards(store, edited)
         _verify_names(runs["url"], "shard-00001.parquet", capsys)
         assert main(["query", "select count(*) from train", "--store", runs["url"]]) == 2
-        assert "rewritten since" in capsys.readouterr().err  # the view checks the source digest
+        err = _verdicts(capsys.readouterr().err, "query")[0]
+        assert "rewritten since" in err  # the view checks the source digest
     _VERIFIED.clear()
 
 
@@ -410,12 +339,15 @@ def test_bad_input_is_one_line_and_creates_nothing(argv: list[str], tmp_path: Pa
     assert not store.exists()
 
 
-def test_s3_failure_beyond_retries_is_one_line(runs: dict[str, Any], proxy: FaultProxy,
+def test_s3_failure_beyond_retries_is_one_line(s3_bucket: str, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    proxy.rate = 1.0
+    import os
+
+    proxy = FaultProxy(os.environ["AWS_ENDPOINT_URL"], rate=1.0)  # every request: 503
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     try:
-        assert main(["ls", "--store", runs["url"]]) == 2
+        assert main(["ls", "--store", f"s3://{s3_bucket}/x"]) == 2
     finally:
-        proxy.rate = 0.10
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err and runs["url"] in err
+        proxy.close()
+    err = _verdicts(capsys.readouterr().err, "ls")
+    assert "Traceback" not in err[0] and f"s3://{s3_bucket}/x" in err[0] and proxy.faults > 0

@@ -1,7 +1,8 @@
 """The end-to-end pipeline on configs/ci.yaml: resume after SIGKILL, full caching, Prefect.
 
 One real run is shared by the whole session (the fixture below): started against a moto S3
-store, killed with SIGKILL during generation, and resumed to completion.
+store through a proxy that fails 10% of requests with 503 (tests/s3_faults.py), killed with
+SIGKILL during generation, and resumed to completion.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from s3_faults import FaultProxy
 
 from storage import Store
 from storage.catalog import connect
@@ -58,7 +60,8 @@ def resumed_run(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory,
     bucket = f"e2e-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     url = f"s3://{bucket}/ci"
-    env = _env(tmp)
+    proxy = FaultProxy(s3_endpoint, rate=0.10)  # the runs' S3: 10% of requests answer 503
+    env = _env(tmp, AWS_ENDPOINT_URL=proxy.url)
     store = Store(url)
     log1 = open(tmp / "run1.log", "w")
     first = _dflash(["run", "--config", str(CI), "--store", url], env, stdout=log1, stderr=log1)
@@ -81,7 +84,14 @@ def resumed_run(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory,
     assert second.wait(timeout=900) == 0, (tmp / "run2.log").read_text()[-3000:]
     info1 = store.fs.info(store.path(f"{gen_prefix}/shard-00000.parquet"), refresh=True)
     return {"url": url, "gen_prefix": gen_prefix, "shard0_before": info0, "shard0_after": info1,
-            "log": (tmp / "run2.log").read_text(), "tmp": tmp}
+            "log": (tmp / "run2.log").read_text(), "tmp": tmp, "proxy": proxy}
+
+
+def test_runs_survived_s3_faults_and_verify_passes(resumed_run: dict) -> None:
+    from flows.cli import main
+
+    assert resumed_run["proxy"].faults > 0  # 503s were sent, and retried through
+    assert main(["verify", "--store", resumed_run["url"]]) == 0
 
 
 def test_resume_did_not_regenerate_finished_shards(resumed_run: dict) -> None:
