@@ -261,8 +261,8 @@ def test_kill_between_history_files(runs: dict[str, Any], capsys: pytest.Capture
 
     url, store = runs["url"], Store(runs["url"])
     (record,) = history.committed_runs(store)[0].values()
-    for kill_at, n_left in (("summary", 1), ("runs/", 2)):
-        run_id = f"killed-{kill_at.strip('/')}"
+    for kill_at, n_left in (("benchmarks/summary/", 1), ("benchmarks/runs/", 2)):
+        run_id = f"killed{n_left}"
         files = {rel.replace(record["run_id"], run_id): store.read_bytes(rel).hex()
                  for rel in sorted(record["files"], key=lambda r: "summary" in r)}
         proc = subprocess.run([sys.executable, "-c", _KILL, url, run_id, kill_at],
