@@ -351,3 +351,34 @@ def test_s3_failure_beyond_retries_is_one_line(s3_bucket: str, monkeypatch: pyte
         proxy.close()
     err = _verdicts(capsys.readouterr().err, "ls")
     assert "Traceback" not in err[0] and f"s3://{s3_bucket}/x" in err[0] and proxy.faults > 0
+
+
+def _raise_flow_failure(args: Any) -> None:
+    """What run_from_cli raises when a Prefect task died of an S3 error in another thread."""
+    try:
+        raise RuntimeError("Traceback (most recent call last):\n  File \"s3fs/core.py\", line 1\n"
+                           "OSError: [Errno 5] An error occurred (SlowDown) when calling the "
+                           "PutObject operation (s3://KEY:s3cr3t@bucket)")
+    except RuntimeError as e:
+        from storage.errors import DflashError
+
+        raise DflashError("flow failed: RuntimeError: Traceback (most recent call last):") from e
+
+
+def _raise_safetensors(args: Any) -> None:
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while deserializing header: MetadataIncompleteBuffer")
+
+
+@pytest.mark.parametrize("handler, cause", [(_raise_flow_failure, "SlowDown"),
+                                            (_raise_safetensors, "MetadataIncompleteBuffer")])
+def test_task_and_safetensors_faults_are_one_line(handler: Any, cause: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from flows import cli
+
+    monkeypatch.setitem(cli.HANDLERS, "ls", handler)
+    assert main(["ls", "--store", str(tmp_path)]) == 2
+    (line,) = _verdicts(capsys.readouterr().err, "ls")
+    assert cause in line and "Traceback" not in line and "s3cr3t" not in line, line
