@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ps["ls"], config=False)
     _common(ps["gc"], config=False)
     ps["gc"].add_argument("--yes", action="store_true", help="really delete")
+    ps["gc"].add_argument("--adopt-history", action="store_true",
+                          help="once, for a history written before run records: commit every "
+                               "run that has both its samples and summary files")
     _common(ps["verify"], config=False)
     ps["verify"].add_argument("--stage", default=None,
                               help="only this stage (generate, filter, ..., or a store folder)")
@@ -205,6 +208,12 @@ def cmd_gc(args: argparse.Namespace) -> None:
     from storage.gc import collect
 
     store = _store(args)
+    if args.adopt_history:
+        from storage.history import adopt_legacy
+
+        adopted = adopt_legacy(store)
+        print(f"adopted {len(adopted)} benchmark run(s) written before run records",
+              file=sys.stderr)
     victims = collect(store, delete=args.yes)
     verb = "removed" if args.yes else "would remove"
     for v in victims:

@@ -96,3 +96,43 @@ def move_aside(store: Store, rel: str) -> str:
     store.write_bytes(dest, store.read_bytes(rel))
     store.rm(rel)
     return dest
+
+
+def adopt_legacy(store: Store) -> list[str]:
+    """Write the record of every run that has both files but no record; return their run ids.
+
+    A one-time migration (``dflash gc --adopt-history``) for histories written before run
+    records: that code wrote the samples first and the summary last, so a run with both files
+    was complete. Not automatic: after this change, a run with both files and no record is one
+    killed before its commit.
+    """
+    runs, _ = committed_runs(store)
+    by_run: dict[str, list[str]] = {}
+    for rel in leftovers(store):
+        run_id = run_id_of(rel)
+        if run_id is not None and rel.endswith(".parquet") and run_id not in runs:
+            by_run.setdefault(run_id, []).append(rel)
+    adopted = []
+    for run_id, rels in sorted(by_run.items()):
+        kinds = {rel.split("/")[1] for rel in rels}
+        if kinds != {"samples", "summary"} or len(rels) != 2:
+            continue
+        entries = {}
+        for rel in sorted(rels):
+            data = store.read_bytes(rel)
+            entries[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                            "rows": _rows(data)}
+        record = {"run_id": run_id, "files": entries, "adopted": True,
+                  "committed_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        if store.create_exclusive(f"{RUNS}/run-{run_id}.json",
+                                  json.dumps(record, indent=2, sort_keys=True).encode()):
+            adopted.append(run_id)
+    return adopted
+
+
+def _rows(data: bytes) -> int:
+    import io
+
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(io.BytesIO(data)).metadata.num_rows

@@ -382,3 +382,28 @@ def test_task_and_safetensors_faults_are_one_line(handler: Any, cause: str, tmp_
     assert main(["ls", "--store", str(tmp_path)]) == 2
     (line,) = _verdicts(capsys.readouterr().err, "ls")
     assert cause in line and "Traceback" not in line and "s3cr3t" not in line, line
+
+
+def test_adopt_history_written_before_run_records(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The one-time migration: a legacy run with both files is committed, a samples-only one
+    (killed in the legacy layout) stays a leftover."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from storage.catalog import connect
+
+    store = Store(str(tmp_path / "store"))
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"run_id": ["old"], "tau": [1.5]}), buf)
+    for rel in ("samples/hw=cpu/date=2026-01-01/run-old.parquet",
+                "summary/hw=cpu/date=2026-01-01/run-old.parquet",
+                "samples/hw=cpu/date=2026-01-01/run-cut.parquet"):
+        store.write_bytes(f"benchmarks/{rel}", buf.getvalue())
+    assert "benchmarks" not in [r[0] for r in connect(store).execute("show tables").fetchall()]
+    assert main(["gc", "--adopt-history", "--store", store.url]) == 0
+    cap = capsys.readouterr()
+    assert "adopted 1 benchmark run(s)" in cap.err and "run-cut.parquet" in cap.out
+    assert connect(store).execute("select run_id, tau from benchmarks").fetchall() == [("old", 1.5)]
