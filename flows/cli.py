@@ -14,9 +14,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from storage.errors import DflashError
+from storage.errors import DflashError, mask_url, one_line
 
-COMMANDS = ("run", "generate", "filter", "train", "bench", "report", "query", "hardware", "ls", "gc")
+COMMANDS = ("run", "generate", "filter", "train", "bench", "report", "query", "hardware", "ls", "gc",
+            "verify")
 log = logging.getLogger("dflash")
 
 
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         "hardware": "print this machine's hardware tags as JSON",
         "ls": "list stage outputs with size and status",
         "gc": "remove incomplete outputs and orphan files (dry run unless --yes)",
+        "verify": "re-hash every committed file of the store against its manifest",
     }
     ps = {name: sub.add_parser(name, help=h, description=h) for name, h in helps.items()}
     for name in ("run", "generate", "filter", "train", "bench", "report"):
@@ -67,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ps["ls"], config=False)
     _common(ps["gc"], config=False)
     ps["gc"].add_argument("--yes", action="store_true", help="really delete")
+    ps["gc"].add_argument("--adopt-history", action="store_true",
+                          help="once, for a history written before run records: commit every "
+                               "run that has both its samples and summary files")
+    _common(ps["verify"], config=False)
+    ps["verify"].add_argument("--stage", default=None,
+                              help="only this stage (generate, filter, ..., or a store folder)")
     return parser
 
 
@@ -79,7 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DflashError as e:
         if args.debug:
             raise
-        print(f"dflash {args.command}: error: {e}", file=sys.stderr)
+        msg = mask_url(str(e))
+        if "Traceback (most recent call last)" in msg and e.__cause__ is not None:
+            msg = msg.split("Traceback", 1)[0] + one_line(e.__cause__)  # a task's remote error
+        print(f"dflash {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dflash {args.command}: interrupted", file=sys.stderr)
@@ -87,11 +98,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug: one line by default, the traceback with --debug
         if args.debug:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"dflash {args.command}: failed: {type(e).__name__}: {msg} "
+        if _environment_error(e):  # a damaged file or a failing store: the cause, one line
+            print(f"dflash {args.command}: failed: {one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"dflash {args.command}: failed: {type(e).__name__}: {one_line(e)} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+def _environment_error(e: BaseException) -> bool:
+    """Errors of the environment rather than of the code: an unreadable safetensors file, an S3
+    or network failure that outlived the retries."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"SafetensorError", "ClientError", "BotoCoreError", "ConnectionError",
+                         "TimeoutError"}) or (isinstance(e, OSError) and "s3" in repr(e).lower())
 
 
 def _setup_logging(debug: bool) -> None:
@@ -188,13 +209,48 @@ def cmd_gc(args: argparse.Namespace) -> None:
     from storage.gc import collect
 
     store = _store(args)
+    if args.adopt_history:
+        from storage.history import adopt_legacy
+
+        adopted = adopt_legacy(store)
+        print(f"adopted {len(adopted)} benchmark run(s) written before run records",
+              file=sys.stderr)
     victims = collect(store, delete=args.yes)
     verb = "removed" if args.yes else "would remove"
     for v in victims:
-        print(f"{verb} {store.uri(v['path'])} ({v['reason']}, {_human(v['bytes'])})")
+        did = ("moved aside" if args.yes else "would move aside") if v.get("aside") else verb
+        print(f"{did} {store.uri(v['path'])} ({v['reason']}, {_human(v['bytes'])})")
     total = sum(v["bytes"] for v in victims)
     tail = "" if args.yes or not victims else "; rerun with --yes to delete"
     print(f"{verb} {len(victims)} item(s), {_human(total)}{tail}", file=sys.stderr)
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    """One line per bad file; exit 2 (via DflashError) if any file does not match."""
+    from storage.errors import FORCE_STAGE
+    from storage.history import leftovers
+    from storage.verify import verify_store
+
+    stage = args.stage
+    by_cli = {v: k for k, v in FORCE_STAGE.items() if k != "features"}
+    known = sorted({*FORCE_STAGE, *by_cli, "benchmarks"})
+    if stage and stage not in known:
+        raise DflashError(f"verify --stage {stage}: unknown stage; choose from {', '.join(known)}")
+    store = _store(args)
+    folder = by_cli.get(stage, stage) if stage else None
+    problems, n_files, n_bytes = verify_store(store, folder)
+    for p in problems:
+        print(p.line())
+    if folder in (None, "benchmarks", "bench_runs"):
+        for rel in leftovers(store):
+            print(f"{store.uri(rel)}: uncommitted benchmark run file (not read; `dflash gc --yes` "
+                  "moves it aside)", file=sys.stderr)
+    if problems:
+        raise DflashError(f"verify: {len(problems)} bad file(s) of {n_files} in {store.url}; "
+                          "rebuild the named stage with `dflash run --force STAGE` (a corrupt "
+                          "manifest: `dflash gc --yes`, then rerun)")
+    print(f"verify: {n_files} file(s), {_human(n_bytes)}: all match their manifests",
+          file=sys.stderr)
 
 
 def _human(n: int) -> str:
@@ -215,7 +271,7 @@ def _pipeline(stage: str) -> Callable[[argparse.Namespace], None]:
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "hardware": cmd_hardware, "query": cmd_query, "ls": cmd_ls, "gc": cmd_gc,
+    "hardware": cmd_hardware, "query": cmd_query, "ls": cmd_ls, "gc": cmd_gc, "verify": cmd_verify,
     "run": _pipeline("run"), "generate": _pipeline("generate"), "filter": _pipeline("filter"),
     "train": _pipeline("train"), "bench": _pipeline("bench"), "report": _pipeline("report"),
 }

@@ -2,21 +2,28 @@
 
 The store's fsspec filesystem is registered with DuckDB (the httpfs extension cannot be installed
 offline), so ``read_parquet`` works on ``s3://`` and ``memory://`` URLs as on local paths. Views
-list only files named by committed manifests; the benchmark history is append-only and read by a
-glob over whole ``*.parquet`` files (each written atomically, temp files never match).
+list only files named by committed manifests; the benchmark history is append-only and its views
+list only the files of runs with a commit record (storage/history.py). A corrupt manifest hides
+its own output only (logged), so queries over the other stages still work; a reference table
+whose source output changed raises the reader's one-line error when its view is queried.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
-from storage.manifest import MANIFEST, Manifest
-from storage.refs import ref_info
+from storage import history
+from storage.errors import DflashError, IntegrityError
+from storage.manifest import MANIFEST, Manifest, parse_manifest
+from storage.refs import check_source, ref_info
 from storage.store import Store
+
+log = logging.getLogger("dflash")
 
 BENCH_TABLES = {"benchmarks": "benchmarks/summary", "benchmark_samples": "benchmarks/samples"}
 
@@ -37,7 +44,9 @@ def connect(store: Store, memory_limit: str | None = None, threads: int | None =
 
 
 def committed_manifests(store: Store) -> list[Manifest]:
-    """All committed outputs in the store (stage folders only; the benchmark history excluded)."""
+    """All committed outputs in the store (stage folders only; the benchmark history excluded).
+    A manifest that does not parse is skipped with a warning naming it (``dflash verify`` and
+    ``dflash ls`` report it): one damaged output must not hide every other one."""
     out = []
     for stage in store.ls(""):
         stage = stage.rsplit("/", 1)[-1]
@@ -45,8 +54,12 @@ def committed_manifests(store: Store) -> list[Manifest]:
             continue
         for key in store.ls(stage):
             rel = f"{key}/{MANIFEST}"
-            if store.exists(rel):
-                out.append(Manifest.from_dict(store.read_json(rel)))
+            try:
+                out.append(parse_manifest(store, rel, store.read_bytes(rel)))
+            except FileNotFoundError:
+                continue
+            except IntegrityError as e:
+                log.warning("%s", e)
     return out
 
 
@@ -69,10 +82,11 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store) -> list[str]:
         con.execute(f"CREATE OR REPLACE VIEW {table} AS " + " UNION ALL BY NAME ".join(selects))
         names.append(table)
     for view, folder in BENCH_TABLES.items():
-        if store.find(folder):
-            glob = store.uri(f"{folder}/**/*.parquet")
+        files = history.committed_files(store, folder)  # runs with their commit record only
+        if files:
             con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet("
-                        f"{_lit(glob)}, hive_partitioning = true, union_by_name = true)")
+                        f"{_list([store.uri(f) for f in files])}, hive_partitioning = true, "
+                        "union_by_name = true)")
             names.append(view)
     con.register("_outputs_arrow", _outputs_table(manifests))
     con.execute("CREATE OR REPLACE VIEW outputs AS SELECT * FROM _outputs_arrow")
@@ -82,7 +96,13 @@ def create_views(con: duckdb.DuckDBPyConnection, store: Store) -> list[str]:
 
 def _source(store: Store, m: Manifest, table: str, uris: list[str]) -> str:
     """The FROM item of one output's table: its files, or the rows they reference."""
-    if ref_info(m, table) is not None:
+    info = ref_info(m, table)
+    if info is not None:
+        try:
+            check_source(store, m, info)  # the Python reader's check: same source, same digest
+        except DflashError as e:
+            # raised when the view is queried (any query: the filter runs for count(*) too)
+            return f"(SELECT NULL AS integrity_error WHERE error({_lit(str(e))}) IS NULL)"
         return f"({_refs_sql(store, m, table, uris)})"
     return f"read_parquet({_list(uris)}, union_by_name = true)"
 

@@ -1,16 +1,22 @@
-"""Garbage collection: incomplete outputs and orphan files.
+"""Garbage collection: incomplete outputs, orphan files and uncommitted benchmark runs.
 
-An *incomplete* output is a ``<stage>/<key>/`` folder without a manifest whose writer is not
-alive (a live lease protects a running stage). An *orphan* is a file inside a committed output
-that its manifest does not list (left by a killed writer before a retry committed), or a stray
-temp file. The benchmark history is append-only: only stray temp files are collected there.
+An *incomplete* output is a ``<stage>/<key>/`` folder without a manifest whose writers are not
+alive: a live lease (the output's ``_lease.json`` or a shard's ``_leases/<file>.json``) protects a
+running stage. An *orphan* is a file inside a committed output that its manifest does not list
+(left by a killed writer before a retry committed), or a stray temp file. In the benchmark
+history, files of a run without its run record (storage/history.py) are reported and, with
+``--yes``, moved aside to ``benchmarks/_uncommitted/`` (temp files are removed). Committed outputs
+are never removed; an output whose manifest does not parse is not committed (nothing can read it)
+and is removed like an incomplete one, so the next run rebuilds it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from storage.manifest import LEASE, LEASE_TTL_S, MANIFEST, _lease_is_stale, read_manifest
+from storage import history
+from storage.errors import IntegrityError
+from storage.manifest import MANIFEST, live_lease, read_manifest
 from storage.store import Store
 
 
@@ -20,22 +26,24 @@ def collect(store: Store, delete: bool = False) -> list[dict[str, Any]]:
         stage = stage.rsplit("/", 1)[-1]
         if stage.startswith("."):
             continue
-        if stage == "benchmarks":
-            victims += [{"path": f, "reason": "temp file", "bytes": store.size(f)}
-                        for f in store.find(stage) if ".tmp-" in f.rsplit("/", 1)[-1]]
+        if stage == history.ROOT:
+            for f in history.leftovers(store):
+                temp = ".tmp-" in f.rsplit("/", 1)[-1]
+                victims.append({"path": f, "bytes": store.size(f), "aside": not temp,
+                                "reason": "temp file" if temp else "uncommitted benchmark run"})
             continue
         for key_dir in store.ls(stage):
             key = key_dir.rsplit("/", 1)[-1]
             files = store.find(key_dir)
-            manifest = read_manifest(store, stage, key)
+            try:
+                manifest = read_manifest(store, stage, key)
+            except IntegrityError:  # unreadable, so unusable: a rerun rebuilds it
+                victims.append({"path": key_dir, "reason": "corrupt manifest", "recursive": True,
+                                "bytes": sum(store.size(f) for f in files)})
+                continue
             if manifest is None:
-                if f"{key_dir}/{LEASE}" in files:
-                    try:
-                        lease = store.read_json(f"{key_dir}/{LEASE}")
-                    except (FileNotFoundError, ValueError):
-                        lease = {}
-                    if lease and not _lease_is_stale(lease, LEASE_TTL_S):
-                        continue  # a live writer is working here
+                if live_lease(store, key_dir, files):
+                    continue  # a live writer is working here
                 size = sum(store.size(f) for f in files)
                 victims.append({"path": key_dir, "reason": "incomplete output", "bytes": size,
                                 "recursive": True})
@@ -45,5 +53,8 @@ def collect(store: Store, delete: bool = False) -> list[dict[str, Any]]:
                         for f in files if f not in listed]
     if delete:
         for v in victims:
-            store.rm(v["path"], recursive=bool(v.get("recursive")))
+            if v.get("aside"):
+                v["moved_to"] = history.move_aside(store, v["path"])
+            else:
+                store.rm(v["path"], recursive=bool(v.get("recursive")))
     return victims

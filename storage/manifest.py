@@ -19,19 +19,23 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from storage.errors import StoreError
+from storage.errors import IntegrityError, StoreError
 from storage.keys import digest
 from storage.store import Store
 
 MANIFEST = "manifest.json"
 LEASE = "_lease.json"
 PARTS = "_parts"
+PART_LEASES = "_leases"  # one lease per file that fanned-out workers write (generation shards)
 LEASE_TTL_S = 1800.0  # a writer that has not written anything for this long is presumed dead
 
 
@@ -121,9 +125,20 @@ def read_manifest(store: Store, stage: str, key: str) -> Manifest | None:
     """The committed manifest of ``<stage>/<key>``, or None while the output is incomplete."""
     rel = f"{stage}/{key}/{MANIFEST}"
     try:
-        return Manifest.from_dict(store.read_json(rel))
+        data = store.read_bytes(rel)
     except FileNotFoundError:
         return None
+    return parse_manifest(store, rel, data)
+
+
+def parse_manifest(store: Store, rel: str, data: bytes) -> Manifest:
+    """A manifest from its bytes; one line naming the file if it does not parse."""
+    try:
+        return Manifest.from_dict(json.loads(data))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        raise IntegrityError(f"{store.uri(rel)}: corrupt manifest ({why}); remove the output with "
+                             "`dflash gc --yes`, then rerun to rebuild it") from None
 
 
 def list_outputs(store: Store, stage: str | None = None) -> list[dict[str, Any]]:
@@ -139,10 +154,16 @@ def list_outputs(store: Store, stage: str | None = None) -> list[dict[str, Any]]
                 continue
             key = entry["name"].rsplit("/", 1)[-1]
             files = store.find(f"{st}/{key}")
-            committed = f"{st}/{key}/{MANIFEST}" in files
+            status = "incomplete"
+            if f"{st}/{key}/{MANIFEST}" in files:
+                try:
+                    read_manifest(store, st, key)
+                    status = "committed"
+                except IntegrityError:
+                    status = "corrupt"
             size = sum(store.size(f) for f in files)
-            out.append({"stage": st, "key": key, "status": "committed" if committed else "incomplete",
-                        "files": len(files), "bytes": size})
+            out.append({"stage": st, "key": key, "status": status, "files": len(files),
+                        "bytes": size})
     return out
 
 
@@ -208,6 +229,13 @@ class StageOutput:
             self.store.rm(f"{self.prefix}/{LEASE}")
             self._holding = False
 
+    @contextmanager
+    def keep_alive(self, every_s: float = 60.0) -> Iterator[None]:
+        """Refresh the lease while a long step (a benchmark, a mapped generation) runs, so no
+        other host presumes this writer dead after ``lease_ttl_s``."""
+        with _beating(self._heartbeat, every_s):
+            yield
+
     # ---------------------------------------------------------------- files
     def recorded(self) -> dict[str, FileEntry]:
         """Files finished by this or an earlier (killed) writer of this key, by name."""
@@ -268,6 +296,7 @@ class StageOutput:
             assert committed is not None
             manifest = committed
         self.store.rm(f"{self.prefix}/{PARTS}", recursive=True)
+        self.store.rm(f"{self.prefix}/{PART_LEASES}", recursive=True)
         self._release()
         self.manifest = manifest
         return manifest
@@ -284,3 +313,94 @@ def _lease_is_stale(lease: dict[str, Any], ttl_s: float) -> bool:
         except (PermissionError, KeyError, ValueError):
             return False
     return False
+
+
+def live_lease(store: Store, prefix: str, files: list[str], ttl_s: float = LEASE_TTL_S) -> bool:
+    """Whether a live writer holds the output's lease or one of its part leases (gc keeps it)."""
+    for f in files:
+        if f != f"{prefix}/{LEASE}" and not f.startswith(f"{prefix}/{PART_LEASES}/"):
+            continue
+        try:
+            lease = store.read_json(f)
+        except (FileNotFoundError, ValueError):
+            return True  # being written right now: a writer is alive
+        if not _lease_is_stale(lease, ttl_s):
+            return True
+    return False
+
+
+class PartLease:
+    """The lease on one file of an output that fanned-out workers write (a generation shard).
+
+    Why: the output's own lease is held by whoever commits, but a Prefect map (threads, Dask)
+    writes the shards from other tasks. Each shard worker holds ``_leases/<file>.json`` while it
+    writes, and keeps it after success as the claim that protects the output from ``dflash gc``
+    until the commit removes the ``_leases`` folder. A second run waits for a held shard and then
+    skips it: a file is written once, never rewritten.
+    """
+
+    def __init__(self, store: Store, prefix: str, name: str, *, ttl_s: float = LEASE_TTL_S,
+                 poll_s: float = 0.5) -> None:
+        self.store, self.rel = store, f"{prefix}/{PART_LEASES}/{name.replace('/', '__')}.json"
+        self.ttl_s, self.poll_s = ttl_s, poll_s
+        self.writer_id = uuid.uuid4().hex
+        self.holding = False
+
+    def _body(self) -> bytes:
+        return json.dumps({"writer": self.writer_id, "host": socket.gethostname(),
+                           "pid": os.getpid(), "heartbeat": time.time()}).encode()
+
+    def acquire(self, done: Callable[[], bool]) -> bool:
+        """Hold the lease (True), or return False once ``done()`` says the file exists."""
+        while not done():
+            if self.store.create_exclusive(self.rel, self._body()):
+                self.holding = True
+                if done():  # finished by another writer between our check and our lease
+                    self.release()
+                    return False
+                return True
+            try:
+                lease = self.store.read_json(self.rel)
+            except (FileNotFoundError, json.JSONDecodeError):
+                time.sleep(self.poll_s)
+                continue
+            if _lease_is_stale(lease, self.ttl_s):
+                self.store.rm(self.rel)
+            else:
+                time.sleep(self.poll_s)
+        return False
+
+    def heartbeat(self) -> None:
+        if self.holding:
+            self.store.write_bytes(self.rel, self._body())
+
+    def release(self) -> None:
+        if self.holding:
+            self.store.rm(self.rel)
+            self.holding = False
+
+    @contextmanager
+    def keep_alive(self, every_s: float = 60.0) -> Iterator[None]:
+        with _beating(self.heartbeat, every_s):
+            yield
+
+
+@contextmanager
+def _beating(beat: Callable[[], None], every_s: float) -> Iterator[None]:
+    """Call ``beat`` every ``every_s`` seconds in a daemon thread while the block runs."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(every_s):
+            try:
+                beat()
+            except Exception:  # a missed heartbeat is not worth failing the writer; the next
+                pass           # one (or the TTL's 30 minutes) covers it
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=5)

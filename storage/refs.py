@@ -66,7 +66,7 @@ def ref_info(manifest: Manifest, table: str) -> dict[str, Any] | None:
     return info if info and table in info.get("tables", ()) else None
 
 
-def check_source(store: Store, manifest: Manifest, info: dict[str, Any]) -> None:
+def check_source(store: Store, manifest: Manifest, info: dict[str, Any]) -> Manifest:
     """The referenced output must still be the committed one the references were made against."""
     stage, key = info["source"].split("/", 1)
     source = read_manifest(store, stage, key)
@@ -78,6 +78,7 @@ def check_source(store: Store, manifest: Manifest, info: dict[str, Any]) -> None
         raise DflashError(f"{where}, which was rewritten since (digest {source.digest[:12]} != "
                           f"{info['source_digest'][:12]}); re-run the {manifest.stage} stage "
                           "with --force")
+    return source
 
 
 def read_table(store: Store, manifest: Manifest, table: str,
@@ -86,14 +87,22 @@ def read_table(store: Store, manifest: Manifest, table: str,
 
     ``columns``: the wanted columns; those a file lacks are left out (the caller decides whether
     that is an error). Parts are concatenated with permissive type promotion: an all-null column
-    takes the others' type, int32 token ids widen to int64 where another part has int64."""
+    takes the others' type, int32 token ids widen to int64 where another part has int64.
+
+    Every file read is first checked against its committed entry (size and sha256,
+    storage/verify.py): a swapped or edited file stops the reader with one line."""
+    from storage.verify import verify_entries
+
     wanted = list(columns) if columns is not None else None
     info = ref_info(manifest, table)
+    verify_entries(store, manifest, manifest.files_for(table))
     if info is None:
         parts = [_read(store, f"{manifest.prefix}/{f.path}", wanted)
                  for f in manifest.files_for(table)]
     else:
-        check_source(store, manifest, info)
+        source = check_source(store, manifest, info)
+        used = {rel.split("/", 2)[-1] for rel in info["files"]}
+        verify_entries(store, source, [f for f in source.files if f.path in used])
         parts = _resolve(store, manifest, table, info, wanted)
     if not parts:
         return pa.table({})

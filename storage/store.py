@@ -17,7 +17,7 @@ from typing import Any
 
 import fsspec
 
-from storage.errors import StoreError
+from storage.errors import StoreError, mask_url
 
 DEFAULT_STORE = "./dflash-store"
 _MEMORY_LOCK = threading.Lock()
@@ -34,7 +34,7 @@ class Store:
         raw = str(url) if url is not None else default_store_url()
         if not raw.strip():
             raise StoreError("store URL is empty: pass --store PATH_OR_URL or set DFLASH_STORE")
-        self.url, self.protocol, self.root = _parse(raw)
+        self.url, self.protocol, self.root = _parse(raw)  # url: for messages, secrets masked
         self.fs = _filesystem(self.protocol, self.url)
         if check:
             self.check()
@@ -57,13 +57,17 @@ class Store:
     def check(self) -> None:
         """Fail fast with one line if the store cannot be used (unreachable, no bucket, no creds)."""
         if self.protocol == "file":
-            try:
-                Path(self.root).mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise StoreError(f"store {self.url}: cannot create folder ({e.strerror}); "
-                                 "pass a writable --store path") from None
-            if not os.access(self.root, os.W_OK):
-                raise StoreError(f"store {self.url}: folder is not writable; pass a writable --store path")
+            # Nothing is created here: a command that then fails on bad input leaves no empty
+            # store behind. The first write creates the folders it needs.
+            existing = Path(self.root)
+            while not existing.exists() and existing.parent != existing:
+                existing = existing.parent
+            if not existing.is_dir():
+                raise StoreError(f"store {self.url}: {existing} is a file, not a folder; pass a "
+                                 "folder as --store")
+            if not os.access(existing, os.W_OK):
+                what = "folder is" if str(existing) == self.root else f"{existing} is"
+                raise StoreError(f"store {self.url}: {what} not writable; pass a writable --store path")
         elif self.protocol == "memory":
             self.fs.makedirs(self.root, exist_ok=True)
         elif self.protocol == "s3":
@@ -71,8 +75,8 @@ class Store:
 
     def _check_s3(self) -> None:
         bucket = self.root.split("/", 1)[0]
-        try:
-            self.fs.ls(bucket, refresh=True)
+        try:  # few retries: a wrong endpoint should fail in seconds, not minutes
+            _filesystem("s3", self.url, attempts=2).ls(bucket, refresh=True)
         except FileNotFoundError:
             raise StoreError(f"store {self.url}: bucket {bucket!r} does not exist; create it "
                              "(aws s3 mb s3://" + bucket + ") or pass another --store") from None
@@ -195,8 +199,12 @@ def _parse(raw: str) -> tuple[str, str, str]:
     if "://" not in raw:
         root = str(Path(raw).expanduser().resolve())
         return raw, "file", root
+    shown = mask_url(raw)
     scheme, rest = raw.split("://", 1)
     scheme = scheme.lower()
+    if shown != raw:
+        raise StoreError(f"store {shown}: credentials in a store URL are not used (and would be "
+                         "logged); set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
     if scheme == "file":
         return raw, "file", str(Path(rest).expanduser().resolve())
     if scheme == "memory":
@@ -209,11 +217,11 @@ def _parse(raw: str) -> tuple[str, str, str]:
             raise StoreError(f"store {raw}: {bucket!r} is not a valid bucket name; use "
                              "s3://bucket/prefix with 3-63 lowercase letters, digits, dots or dashes")
         return raw, "s3", rest
-    raise StoreError(f"store {raw}: unsupported scheme {scheme!r}; use a local path, memory:// "
+    raise StoreError(f"store {shown}: unsupported scheme {scheme!r}; use a local path, memory:// "
                      "or s3://bucket/prefix")
 
 
-def _filesystem(protocol: str, url: str) -> fsspec.AbstractFileSystem:
+def _filesystem(protocol: str, url: str, attempts: int = 8) -> fsspec.AbstractFileSystem:
     if protocol != "s3":
         return fsspec.filesystem(protocol)
     try:
@@ -221,15 +229,30 @@ def _filesystem(protocol: str, url: str) -> fsspec.AbstractFileSystem:
     except ImportError:
         raise StoreError(f"store {url}: s3fs is not installed; run `make install`") from None
     # Endpoint and credentials come from the standard AWS variables (botocore reads
-    # AWS_ENDPOINT_URL itself). Few retries: a wrong endpoint should fail in seconds, not minutes.
+    # AWS_ENDPOINT_URL itself). Server errors (5xx: SlowDown, a bodiless 503 to a HEAD) are
+    # retried by s3fs's own loop, which waits 0.1 s x 1.7^n (8 tries: ~9 s in all), rather than
+    # botocore's, which waits up to 2^n s from the first retry: at 10% of requests failing that
+    # is 1e-8 per request and about 0.1 s per failure. The reachability check tries twice, so a
+    # wrong endpoint fails in seconds.
+    import s3fs.core
+
+    s3fs.core.set_custom_error_handler(_server_error)
     fs = fsspec.filesystem(
         "s3",
         skip_instance_cache=True,
         config_kwargs={"connect_timeout": 5, "read_timeout": 60,
-                       "retries": {"max_attempts": 2, "mode": "standard"}},
+                       "retries": {"max_attempts": 1 if attempts > 2 else 2, "mode": "standard"}},
     )
-    fs.retries = 2  # s3fs's own retry loop (a class attribute, not a constructor argument)
+    fs.retries = attempts  # s3fs's own retry loop (a class attribute, not a constructor argument)
     return fs
+
+
+def _server_error(e: BaseException) -> bool:
+    """Whether s3fs should retry ``e``: an S3 answer with a 5xx status."""
+    response = getattr(e, "response", None)
+    status = (response or {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0) \
+        if isinstance(response, dict) else 0
+    return 500 <= int(status or 0) < 600
 
 
 def _local_atomic_write(path: str, data: bytes, exclusive: bool) -> bool:

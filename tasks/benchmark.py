@@ -7,10 +7,13 @@ are not timed. Results go to an append-only history, one file per run, never rew
     benchmarks/summary/hw=<hardware_tag>/date=<YYYY-MM-DD>/run-<run_id>.parquet   (benchmarks)
     benchmarks/samples/hw=<hardware_tag>/date=<YYYY-MM-DD>/run-<run_id>.parquet   (samples view)
 
-The samples file is written first and the summary last, so a summary row always has its samples.
-Beside the history, a committed stage output ``bench_runs/<key>/`` marks that a result exists for
-this draft, config, target and hardware fingerprint: the pipeline skips a benchmark it already has
-unless ``rerun`` is on (scheduled deployments always rerun, so the history grows over time).
+A run's samples and summary are one commit: both files, then ``benchmarks/runs/run-<id>.json``
+(storage/history.py); the views read only recorded runs. Beside the history, a committed stage
+output ``bench_runs/<key>/`` marks that a result exists for this draft, config, target and
+hardware fingerprint. Its lease is taken BEFORE measuring, so a concurrent run of the same key
+waits and returns the first one's result, and ``result.json`` is recorded before the history is
+appended, so a writer killed after the history's commit is resumed without measuring again: a
+draft is in the history once unless ``rerun`` is on (scheduled deployments always rerun).
 Names, metrics and schemas: docs/benchmarks.md.
 """
 
@@ -27,10 +30,11 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from storage import DflashError, Manifest, StageOutput, Store, StoreError
+from storage import DflashError, Manifest, StageOutput, Store, history
 from storage.hardware import hardware_fingerprint, hardware_info, hardware_tag, slug
 from storage.keys import REPO_ROOT, digest
 from storage.parquet import to_parquet_bytes
+from storage.verify import verified_bytes, verify_entries
 from tasks import bench_methods as bm
 from tasks.base import cached, run_stage, stage_code
 from tasks.bench_stats import (
@@ -141,8 +145,12 @@ class DraftSource:
     digest: str
     folder: Path | None = None
     fetch: Any = None  # () -> Path, for drafts that live in a remote store
+    verify: Any = None  # () -> None: a stored draft's files against its manifest, before loading
 
     def local(self) -> Path:
+        if self.verify is not None:
+            self.verify()
+            self.verify = None
         if self.folder is None:
             self.folder = self.fetch()
         return self.folder
@@ -203,12 +211,15 @@ def _train_drafts(store: Store, m: Manifest) -> dict[str, DraftSource]:
         folder = Path(store.path(prefix)) if store.protocol == "file" else None
         out[kind] = DraftSource(kind, f"{m.prefix}/{rel}", dig, folder=folder,
                                 fetch=lambda p=prefix, es=entries, r=rel, d=dig:
-                                _download(store, p, es, r, d))
+                                _download(store, m, es, r, d),
+                                verify=(lambda es=entries: verify_entries(store, m, es))
+                                if folder is not None else None)
     return out
 
 
-def _download(store: Store, prefix: str, entries: list, rel: str, dig: str) -> Path:
-    """Copy a draft folder out of a remote store once, into the machine's model cache."""
+def _download(store: Store, m: Manifest, entries: list, rel: str, dig: str) -> Path:
+    """Copy a draft folder out of a remote store once, into the machine's model cache (each
+    file checked against the train manifest's size and sha256 on the way)."""
     import os
     import shutil
 
@@ -221,10 +232,15 @@ def _download(store: Store, prefix: str, entries: list, rel: str, dig: str) -> P
     for e in entries:
         dest = tmp / e.path[len(rel):].lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(store.read_bytes(f"{prefix}/{e.path[len(rel):].lstrip('/')}"))
+        dest.write_bytes(verified_bytes(store, m, e))
     (tmp / ".complete").write_text(dig)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    try:  # never replace a complete copy: another run may be loading it right now
+        os.rename(tmp, out)
+    except OSError:
+        if not (out / ".complete").exists():  # a partial copy of older code: replace it
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+    shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -275,23 +291,59 @@ def run_benchmark(store: Store, cfg: BenchConfig, target: Any,
     code = _code()
     key, marker = cached(store, STAGE, key_cfg, inputs, code)
     if marker is not None and not rerun:
-        log.info("bench: a result for this draft, config and hardware exists (%s); skipped "
-                 "(pass rerun to measure again)", key)
-        return {**store.read_json(f"{marker.prefix}/result.json"), "skipped": True, "key": key,
-                "ref": marker.ref(store)}
+        return _skipped(store, marker)
 
     shape = bm.target_shape(tgt.local()) if tgt.loaded is None else tgt.loaded
     bm.check_drafts_shape(shape, drafts["dflash"].local() if "dflash" in drafts else None,
                           drafts["classic"].local() if "classic" in drafts else None)
-    result = _execute(store, cfg, tgt, drafts, eval_manifest, info, dtype)
-    result["key"] = key
+    if marker is not None:  # rerun: one more history run; the marker keeps the first result
+        result = _execute(store, cfg, tgt, drafts, eval_manifest, info, dtype)
+        _append(store, result)
+        return {**result, "key": key, "ref": marker.ref(store)}
+    measured: list[dict[str, Any]] = []
 
-    def build(out: StageOutput) -> Manifest:
-        out.write_json("result.json", result)
+    def build(out: StageOutput) -> Manifest:  # under the marker's lease, before measuring
+        result = _resumed(store, out)  # a killed writer whose run reached the history
+        if result is None:
+            with out.keep_alive():
+                result = {**_execute(store, cfg, tgt, drafts, eval_manifest, info, dtype),
+                          "key": key}
+            files = result.pop(_PENDING)
+            out.write_json("result.json", result)  # recorded first: a resume finds the run id
+            history.append_run(store, result["run_id"], files)
+        measured.append(result)
         return out.commit(extra={"run_id": result["run_id"], "summary": result["summary_path"]})
 
-    result["ref"] = run_stage(store, STAGE, key_cfg, inputs, code, build).ref(store)
+    m = run_stage(store, STAGE, key_cfg, inputs, code, build)
+    if not measured:  # a concurrent run of this key committed while we waited for its lease
+        return _skipped(store, m)
+    return {**measured[0], "ref": m.ref(store)}
+
+
+_PENDING = "_history_files"  # the run's files, written by the caller of _write under the lease
+
+
+def _skipped(store: Store, marker: Manifest) -> dict[str, Any]:
+    log.info("bench: a result for this draft, config and hardware exists (%s); skipped "
+             "(pass rerun to measure again)", marker.key)
+    return {**store.read_json(f"{marker.prefix}/result.json"), "skipped": True, "key": marker.key,
+            "ref": marker.ref(store)}
+
+
+def _resumed(store: Store, out: StageOutput) -> dict[str, Any] | None:
+    """The result a killed writer of this marker recorded, if its history run was committed."""
+    if "result.json" not in out.recorded():
+        return None
+    result = store.read_json(f"{out.prefix}/result.json")
+    runs, _ = history.committed_runs(store)
+    if result.get("run_id") not in runs:
+        return None  # killed before the history's commit: its files are gc's leftovers
+    log.info("bench: resuming %s: run %s is in the history already", out.key, result["run_id"])
     return result
+
+
+def _append(store: Store, result: dict[str, Any]) -> None:
+    history.append_run(store, result["run_id"], result.pop(_PENDING))
 
 
 def _execute(store: Store, cfg: BenchConfig, tgt: TargetSource, drafts: dict[str, DraftSource],
@@ -422,7 +474,8 @@ def _variants(cfg: BenchConfig, dflash: Any, classic: Any, notes: list[str]
 def _write(store: Store, cfg: BenchConfig, runs: list[Run], tgt: TargetSource,
            drafts: dict[str, DraftSource], info: dict[str, Any], notes: list[str]
            ) -> dict[str, Any]:
-    """Samples file first, summary file last; each created once (never replaces a file)."""
+    """The run's result and its two history files (samples, then summary), not yet written:
+    the caller records the result under the marker's lease, then appends (storage/history.py)."""
     now = datetime.now(UTC)
     run_id = f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     tag = hardware_tag(info)
@@ -434,23 +487,21 @@ def _write(store: Store, cfg: BenchConfig, runs: list[Run], tgt: TargetSource,
     labels = run_hooks().labels()  # flow_run_id, deployment: NULL outside an orchestrated run
     samples, rows = [{**r, **labels} for r in samples], [{**r, **labels} for r in rows]
     part = f"hw={tag}/date={now:%Y-%m-%d}/run-{run_id}.parquet"
-    paths = {}
+    paths, files = {}, {}
     for folder, table_rows, schema in ((SAMPLES_DIR, samples, SAMPLES_SCHEMA),
                                        (SUMMARY_DIR, rows, SUMMARY_SCHEMA)):
         rel = f"{folder}/{part}"
         data = to_parquet_bytes(pa.Table.from_pylist(table_rows, schema=schema), schema, rel)
-        if not store.create_exclusive(rel, data):
-            raise StoreError(f"{store.uri(rel)} already exists; benchmark history files are never "
-                             "rewritten")
+        files[rel] = (data, len(table_rows))
         paths[folder] = rel
-    log.info("bench: run %s appended %d summary and %d sample rows under %s", run_id, len(rows),
+    log.info("bench: run %s: %d summary and %d sample rows for %s", run_id, len(rows),
              len(samples), store.uri(f"{SUMMARY_DIR}/hw={tag}"))
     return {"run_id": run_id, "skipped": False, "created_at": now.isoformat(timespec="seconds"),
             "hardware_tag": tag, "hardware_fingerprint": common["hardware_fingerprint"],
             "target": tgt.ref, "summary_path": paths[SUMMARY_DIR],
             "samples_path": paths[SAMPLES_DIR], "summary_uri": store.uri(paths[SUMMARY_DIR]),
             "samples_uri": store.uri(paths[SAMPLES_DIR]), "notes": notes,
-            "rows": [_jsonable(r) for r in rows]}
+            "rows": [_jsonable(r) for r in rows], _PENDING: files}
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from storage import Manifest, Store
 from storage.errors import ConfigError, DflashError, SchemaError
 from storage.manifest import FileEntry
 from storage.parquet import check_schema, read_schema
+from storage.verify import verify_entries
 
 if TYPE_CHECKING:
     from tasks.filter import FilterConfig
@@ -200,6 +201,7 @@ def check_generation_shards(store: Store, manifest: Manifest) -> tuple[list[str]
     if not entries:
         raise DflashError(f"{manifest.stage}/{manifest.key}: the manifest lists no 'generations' "
                           "shards; run the generate stage first")
+    verify_entries(store, manifest, entries)  # size + sha256: DuckDB reads these shards whole
     uris, common = [], None
     for f in entries:
         rel = f"{manifest.prefix}/{f.path}"

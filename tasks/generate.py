@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dflash_models.generation import GenOutput, SamplingParams, encode_prompt, render_prompt
 from storage import Manifest, Store, read_manifest
 from storage.errors import StoreError
-from storage.manifest import PARTS, FileEntry, StageOutput, write_part
+from storage.manifest import MANIFEST, PARTS, FileEntry, PartLease, StageOutput, write_part
 from storage.parquet import read_parquet, to_parquet_bytes
 from tasks.backends import (
     GenRow,
@@ -169,7 +169,7 @@ def plan_generation(store: Store, cfg: GenerateConfig, target_m: Manifest, promp
     stage_cfg, code = _stage_config(cfg, target_m), _code()
     inputs = {"target": target_m, "prompts": prompts_m}
     key = key_for(STAGE, stage_cfg, inputs, code)
-    if force and read_manifest(store, STAGE, key) is not None:
+    if force and store.exists(f"{STAGE}/{key}/{MANIFEST}"):  # even a corrupt one
         store.rm(f"{STAGE}/{key}", recursive=True)
     files = [f"{prompts_m.prefix}/{f.path}" for f in prompts_m.files_for("prompts")]
     table = _read_prompts(store, tuple(files), ("parent_prompt_id", "regenerate"))
@@ -239,11 +239,32 @@ def _read_prompts(store: Store, files: tuple[str, ...], columns: tuple[str, ...]
 # ----------------------------------------------------------------------------- one shard
 def generate_shard(store: Store, plan: GenerationPlan, shard_index: int,
                    progress: Progress | None = None) -> dict[str, Any]:
-    """Generate one shard and record it; a shard already recorded (or committed) is skipped."""
+    """Generate one shard and record it; a shard already recorded (or committed) is skipped.
+
+    The shard's own lease (storage.manifest.PartLease) is held while it is written and kept
+    until the commit, so ``dflash gc`` leaves a live generation alone and a concurrent run of the
+    same key waits for this shard, then skips it: a shard file is written once."""
     spec = plan.shards[shard_index]
-    rec = None if plan.committed else _is_recorded(store, plan.prefix, shard_name(spec.index))
-    if plan.committed or rec is not None or read_manifest(store, STAGE, plan.key) is not None:
-        return {"shard": spec.index, "skipped": True, "rows": rec.rows if rec else None}
+    found: list[FileEntry] = []
+
+    def done() -> bool:
+        rec = _is_recorded(store, plan.prefix, shard_name(spec.index))
+        found[:] = [rec] if rec is not None else []
+        return rec is not None or read_manifest(store, STAGE, plan.key) is not None
+
+    lease = PartLease(store, plan.prefix, shard_name(spec.index))
+    if plan.committed or not lease.acquire(done):
+        return {"shard": spec.index, "skipped": True, "rows": found[0].rows if found else None}
+    try:
+        with lease.keep_alive():
+            return _generate_shard(store, plan, spec, progress)
+    except BaseException:
+        lease.release()  # the next writer retries this shard; on success the lease stays
+        raise
+
+
+def _generate_shard(store: Store, plan: GenerationPlan, spec: ShardSpec,
+                    progress: Progress | None) -> dict[str, Any]:
     cols = ("prompt_id", "source", "messages", "prompt_text", "reference_response",
             "parent_prompt_id", "regenerate")
     rows = _read_prompts(store, tuple(plan.prompts_files), cols).slice(

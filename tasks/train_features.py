@@ -294,11 +294,12 @@ def check_cache_size(store: Store, cfg: FeaturesConfig, hidden_size: int, data: 
 def read_features(store: Store, manifest: Manifest, split: str) -> dict[int, FeatureRow]:
     """All rows of one split of a committed features output, by example index."""
     from dflash_models.features import unpack_shard
+    from storage.verify import verified_bytes
 
     rows: dict[int, FeatureRow] = {}
     for f in manifest.files:
         if f.path.startswith(f"{split}-") and f.path.endswith(".safetensors"):
-            rows.update(unpack_shard(store.read_bytes(f"{manifest.prefix}/{f.path}")))
+            rows.update(unpack_shard(verified_bytes(store, manifest, f)))  # size + sha256
     return rows
 
 

@@ -186,9 +186,11 @@ def prefect_harness() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def resumed_run(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory,
                 smollm2_dir: Path) -> dict:
-    """ci.yaml on moto S3: SIGKILL during generation, then a rerun to completion (shared by
-    tests/test_pipeline.py and tests/test_deploy.py)."""
+    """ci.yaml on moto S3 behind a proxy failing 10% of requests with 503: SIGKILL during
+    generation, then a rerun to completion (shared by tests/test_pipeline.py and
+    tests/test_deploy.py)."""
     import boto3
+    from s3_faults import FaultProxy
 
     from storage import Store
 
@@ -196,7 +198,8 @@ def resumed_run(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory,
     bucket = f"e2e-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     url = f"s3://{bucket}/ci"
-    env = pipeline_env(tmp)
+    proxy = FaultProxy(s3_endpoint, rate=0.10)  # the runs' S3: 10% of requests answer 503
+    env = pipeline_env(tmp, AWS_ENDPOINT_URL=proxy.url)
     store = Store(url)
     log1 = open(tmp / "run1.log", "w")
     first = dflash_cli(["run", "--config", str(CI), "--store", url], env, stdout=log1, stderr=log1)
@@ -219,6 +222,6 @@ def resumed_run(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory,
     assert second.wait(timeout=900) == 0, (tmp / "run2.log").read_text()[-3000:]
     info1 = store.fs.info(store.path(f"{gen_prefix}/shard-00000.parquet"), refresh=True)
     return {"url": url, "gen_prefix": gen_prefix, "shard0_before": info0, "shard0_after": info1,
-            "log": (tmp / "run2.log").read_text(), "tmp": tmp}
+            "log": (tmp / "run2.log").read_text(), "tmp": tmp, "proxy": proxy}
 
 

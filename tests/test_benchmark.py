@@ -138,7 +138,7 @@ def test_skip_rerun_and_append_only(tmp_path: Path, smollm2_dir: Path, target: A
     cfg = BenchConfig(methods=["ar"], **CHEAP)
     first = run_benchmark(store, cfg, smollm2_dir)
     before = _files(store)
-    assert len(before) == 2 and not first["skipped"]
+    assert len(before) == 3 and not first["skipped"]  # samples, summary, run record
 
     again = run_benchmark(store, cfg, target)  # same draft, config, model and hardware
     assert again["skipped"] and again["run_id"] == first["run_id"]
@@ -147,11 +147,11 @@ def test_skip_rerun_and_append_only(tmp_path: Path, smollm2_dir: Path, target: A
     rerun = run_benchmark(store, cfg, target, rerun=True)  # scheduled runs always append
     after = _files(store)
     assert not rerun["skipped"] and rerun["run_id"] != first["run_id"]
-    assert len(after) == 4 and all(after[p] == h for p, h in before.items())  # never rewritten
+    assert len(after) == 6 and all(after[p] == h for p, h in before.items())  # never rewritten
 
     monkeypatch.setattr(bench, "hardware_fingerprint", lambda info=None: "another-gpu-class")
     other = run_benchmark(store, cfg, target)  # same draft on new hardware: new rows
-    assert not other["skipped"] and len(_files(store)) == 6
+    assert not other["skipped"] and len(_files(store)) == 9
     con = connect(store)
     assert con.execute("SELECT count(DISTINCT run_id) FROM benchmarks").fetchone()[0] == 3
 

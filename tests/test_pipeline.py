@@ -1,7 +1,8 @@
 """The end-to-end pipeline on configs/ci.yaml: resume after SIGKILL, full caching, Prefect.
 
 One real run is shared by the whole session (the fixture below): started against a moto S3
-store, killed with SIGKILL during generation, and resumed to completion.
+store through a proxy that fails 10% of requests with 503 (tests/s3_faults.py), killed with
+SIGKILL during generation, and resumed to completion.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ from storage.catalog import connect
 from storage.manifest import list_outputs
 
 STAGES = ("targets", "prompts", "generations", "filter", "train", "bench_runs")
+
+
+def test_runs_survived_s3_faults_and_verify_passes(resumed_run: dict) -> None:
+    from flows.cli import main
+
+    assert resumed_run["proxy"].faults > 0  # 503s were sent, and retried through
+    assert main(["verify", "--store", resumed_run["url"]]) == 0
 
 
 def test_resume_did_not_regenerate_finished_shards(resumed_run: dict) -> None:

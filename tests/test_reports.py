@@ -25,7 +25,7 @@ from reports.speedup_model import (
     expected_tokens,
     explain_gap,
 )
-from storage import StageOutput, Store
+from storage import StageOutput, Store, history
 from storage.errors import ConfigError
 
 CPU, GPU = "cpu-intel-xeon-2c", "nvidia-h200-x1"
@@ -78,13 +78,14 @@ def _parquet(rows: list[dict]) -> bytes:
 def _write_run(store: Store, run_id: str, hw: str, day: str, scale: float, costs: bool) -> None:
     created = datetime.fromisoformat(f"{day}T12:00:00")
     rows = _bench_rows(run_id, hw, created, scale, costs)
-    store.write_bytes(f"benchmarks/summary/hw={hw}/date={day}/run-{run_id}.parquet", _parquet(rows))
     samples = [{"run_id": run_id, "method": r["method"], "dataset": r["dataset"],
                 "prompt_id": f"p{i}", "temperature": 0.0, "block_size": r["block_size"],
                 "output_ids": list(range(12)), "accepted_lengths": [3, 3, 3, 3]}
                for r in rows for i in range(2)]
-    store.write_bytes(f"benchmarks/samples/hw={hw}/date={day}/run-{run_id}.parquet",
-                      _parquet(samples))
+    part = f"hw={hw}/date={day}/run-{run_id}.parquet"
+    history.append_run(store, run_id, {  # the views read committed runs only
+        f"benchmarks/samples/{part}": (_parquet(samples), len(samples)),
+        f"benchmarks/summary/{part}": (_parquet(rows), len(rows))})
 
 
 def _write_stage(store: Store, stage: str, table: str, rows: list[dict]) -> None:
