@@ -345,6 +345,17 @@ def draft_vocab(draft: Any) -> int | None:
     return None if ids is None else int(ids.numel())
 
 
+def engine_drafter(target: Any, draft: Any, max_len: int, max_block: int) -> Any:
+    """What the engine drafts with on ``target``: the fixed-shape `FastDraft` beside a static
+    target (its graphs and cache made once, reused for every prompt), else the draft itself."""
+    from dflash_models.fast_draft import FastDraft
+    from dflash_models.static_lm import StaticLM
+
+    if isinstance(target.model, StaticLM):
+        return FastDraft(target, draft, max_len, max_block=max_block)
+    return draft
+
+
 def full_vocab_view(draft: Any) -> Any:
     """The same draft (shared weights) drafting over the full vocabulary, or None when it
     already does: what an engine that ignores ``d2t`` runs (SGLang, the reference)."""

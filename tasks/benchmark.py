@@ -76,10 +76,13 @@ class BenchConfig(BaseModel):
     near_tie_margin: float | None = Field(
         None, ge=0, description="logit margin below which a T=0 divergence is numeric noise; "
         "None: 0.01 in float32, 0.5 in 16-bit dtypes")
-    engine: Literal["auto", "fast", "general"] = Field(
-        "auto", description="the engine methods' target path: fast (dflash_models/fast_target.py, "
-        "Llama/Mistral/Qwen2/Qwen3 layouts), general (transformers' forward, any causal LM), or "
-        "auto: fast where the family is supported")
+    engine: Literal["auto", "static", "fast", "general"] = Field(
+        "auto", description="the engine methods' target path: static (dflash_models/static_lm.py: "
+        "fixed shapes, CUDA graphs on CUDA), fast (fast_target.py), both for Llama/Mistral/Qwen2/"
+        "Qwen3 layouts; general (transformers' forward, any causal LM); auto: static on CUDA, "
+        "fast elsewhere, where the family is supported")
+    compile: bool = Field(True, description="static path on CUDA: compile each decoder layer with "
+                          "inductor inside the CUDA graphs (~20 s per pass shape at 8B)")
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     device: str | None = None
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's "
@@ -369,9 +372,6 @@ def _measure(store: Store, cfg: BenchConfig, tgt: TargetSource, drafts: dict[str
     from dflash_models.target import load_target
 
     target = tgt.loaded or load_target(tgt.local(), dtype=getattr(torch, dtype), device=cfg.device)
-    engine_target = _engine_target(cfg, target)
-    info = {**info, "threads": torch.get_num_threads(),  # recorded on every summary row
-            "engine_path": "general" if engine_target is target else "fast"}
     dflash = bm.load_dflash(drafts["dflash"].local(), target) \
         if "dflash" in drafts and "dflash" in cfg.methods else None
     classic = bm.load_classic(drafts["classic"].local(), target) \
@@ -397,6 +397,16 @@ def _measure(store: Store, cfg: BenchConfig, tgt: TargetSource, drafts: dict[str
     for n in notes:
         log.info("bench: %s", n)
     stop = default_stop_token_ids(target)
+    blocks = sorted({b or dflash.config.block_size for m, b in variants if m == "dflash"})
+    passes = {1, *blocks, *([cfg.classic_k + 1] if classic is not None else [])}
+    longest = max(len(p.ids) for ps in prompts.values() for p in ps)
+    engine_target, path = _engine_target(cfg, target, longest + cfg.max_new_tokens
+                                         + 2 * max(passes), sorted(passes))
+    info = {**info, "threads": torch.get_num_threads(),  # recorded on every summary row
+            "engine_path": path}
+    drafter = {full: bm.engine_drafter(engine_target, d, longest + cfg.max_new_tokens,
+                                       max(passes))
+               for full, d in ((False, dflash), (True, full_vocab)) if d is not None}
 
     def one(method: str, block: int | None, temp: float, full: bool, ids: list[int],
             seed: int | None, max_new: int) -> bm.Sample:
@@ -405,8 +415,8 @@ def _measure(store: Store, cfg: BenchConfig, tgt: TargetSource, drafts: dict[str
 
             g = GenerationConfig(max_new_tokens=max_new, temperature=temp, stop_token_ids=stop,
                                  seed=seed, block_size=block, k=cfg.classic_k)
-            return bm.run_engine(method, engine_target, ids, g,
-                                 draft=full_vocab if full else dflash, classic_lm=classic)
+            return bm.run_engine(method, engine_target, ids, g, draft=drafter.get(full),
+                                 classic_lm=classic)
         return bm.run_hf(target, ids, temperature=temp, max_new_tokens=max_new, stop=stop,
                          seed=seed, assistant=classic if method == "hf_assisted" else None,
                          prompt_lookup_num_tokens=cfg.prompt_lookup_num_tokens
@@ -434,18 +444,27 @@ def _measure(store: Store, cfg: BenchConfig, tgt: TargetSource, drafts: dict[str
     return _write(store, cfg, runs, tgt, drafts, info, notes)
 
 
-def _engine_target(cfg: BenchConfig, target: Any) -> Any:
-    """The Target the engine methods run on: the fast path shares the weights (plus fused
-    q|k|v and gate|up copies); transformers' methods keep the general one."""
+def _engine_target(cfg: BenchConfig, target: Any, max_len: int, passes: list[int]
+                   ) -> tuple[Any, str]:
+    """(the Target the engine methods run on, its path's name). The fast paths share the
+    weights (plus fused q|k|v and gate|up copies); the static one also holds a KV cache of
+    ``max_len`` positions and, on CUDA, one graph per pass length in ``passes``.
+    transformers' methods keep the general target."""
     from dflash_models.fast_target import FastLM, supports
+    from dflash_models.static_lm import StaticLM
     from dflash_models.target import Target
 
     why = supports(target.model) if cfg.engine != "general" else "engine: general"
-    if why is None:
-        return Target.from_model(FastLM(target.model), target.tokenizer)
-    if cfg.engine == "fast":
-        raise DflashError(f"benchmark.engine: fast: {why}; use engine: auto or general")
-    return target
+    if why is not None:
+        if cfg.engine in ("fast", "static"):
+            raise DflashError(f"benchmark.engine: {cfg.engine}: {why}; use engine: auto or general")
+        return target, "general"
+    cuda = target.device.type == "cuda"
+    if cfg.engine == "static" or (cfg.engine == "auto" and cuda):
+        model = StaticLM(target.model, max_len, graph_tokens=tuple(passes),
+                         compile="inductor" if cuda and cfg.compile else None)
+        return Target.from_model(model, target.tokenizer), "static"
+    return Target.from_model(FastLM(target.model), target.tokenizer), "fast"
 
 
 def _variants(cfg: BenchConfig, dflash: Any, classic: Any, notes: list[str]

@@ -132,6 +132,22 @@ def _files(store: Store) -> dict[str, str]:
     return {p: hashlib.sha256(store.read_bytes(p)).hexdigest() for p in store.find("benchmarks")}
 
 
+def test_static_engine_path_is_lossless(tmp_path: Path, target: Any,
+                                        drafts: dict[str, Path]) -> None:
+    """`engine: static` (the CUDA fast path's code, graphs off on a CPU) for every engine method:
+    recorded as such, and every output equal to generate()'s."""
+    store = Store(str(tmp_path / "store"))
+    cfg = BenchConfig(**{**CHEAP, "max_new_tokens": 12}, methods=["ar", "dflash", "classic"],
+                      engine="static", block_sizes=[4], classic_k=2)
+    run_benchmark(store, cfg, target, draft_folder=drafts["dflash"],
+                  classic_folder=drafts["classic"])
+    rows = connect(store).execute(
+        "SELECT method, engine_path, exact_match_rate FROM benchmarks ORDER BY method").fetchall()
+    assert {r[0] for r in rows} == {"hf_generate", "ar", "dflash", "classic"}
+    assert {r[1] for r in rows if r[0] != "hf_generate"} == {"static"}
+    assert all(r[2] == 1.0 for r in rows)
+
+
 def test_skip_rerun_and_append_only(tmp_path: Path, smollm2_dir: Path, target: Any,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     store = Store(str(tmp_path / "store"))
