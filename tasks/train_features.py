@@ -19,6 +19,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -283,7 +284,10 @@ def check_cache_size(store: Store, cfg: FeaturesConfig, hidden_size: int, data: 
                          f"train.feature_cache_max_gb = {max_gb}; use train.features: online "
                          "or raise the limit")
     if store.protocol == "file":
-        free = shutil.disk_usage(store.path()).free
+        where = Path(store.path())
+        while not where.exists() and where != where.parent:  # a new store: its first write
+            where = where.parent  # creates the folder on the filesystem of its nearest parent
+        free = shutil.disk_usage(where).free
         if need > free:
             raise ValueError(f"train: the feature cache would take {need / 1e9:.1f} GB, more "
                              f"than the {free / 1e9:.1f} GB free under {store.path()}; use "
