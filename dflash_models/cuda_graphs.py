@@ -45,9 +45,6 @@ class GraphRunner:
         self._graphs: dict[Hashable, tuple[tuple[Tensor, ...], Any, torch.cuda.CUDAGraph]] = {}
         self._pool: Any = None
 
-    def __len__(self) -> int:
-        return len(self._graphs)
-
     def __call__(self, key: Hashable, fn: Callable[..., Any], inputs: tuple[Tensor, ...]) -> Any:
         if not self.enabled:
             return fn(*inputs)

@@ -397,8 +397,9 @@ def _measure(store: Store, cfg: BenchConfig, tgt: TargetSource, drafts: dict[str
     for n in notes:
         log.info("bench: %s", n)
     stop = default_stop_token_ids(target)
-    blocks = sorted({b or dflash.config.block_size for m, b in variants if m == "dflash"})
-    passes = {1, *blocks, *([cfg.classic_k + 1] if classic is not None else [])}
+    # pass lengths the engine will run: decode, each DFlash block, the classic verify
+    passes = {1, *(b for m, b in variants if m == "dflash"),
+              *([cfg.classic_k + 1] if classic is not None else [])}
     longest = max(len(p.ids) for ps in prompts.values() for p in ps)
     engine_target, path = _engine_target(cfg, target, longest + cfg.max_new_tokens
                                          + 2 * max(passes), sorted(passes))
